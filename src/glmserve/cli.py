@@ -1,0 +1,390 @@
+"""The `glmserve` command: one typer app, one function per subcommand (chat, generate; later serve).
+
+Every user error ends the process with one line on stderr and exit code 1, never a traceback.
+Torch and the engine are imported only once a command loads a model, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Annotated, Any, NoReturn, TextIO
+
+import typer
+
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.model_path import ModelNotFoundError, resolve_model_path
+
+app = typer.Typer(
+    help="Serve, chat with and batch-run ChatGLM-family and Llama-family models.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain click messages: usage errors stay short, no boxes
+    pretty_exceptions_enable=False,
+)
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# Options shared by every command that loads a model.
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hugging Face checkpoint folder or .gguf file [default: $MODEL_PATH, else the bundled SmolLM2]",
+        show_default=False,
+    ),
+]
+DtypeOption = Annotated[Dtype, typer.Option(help="Weight and activation dtype; auto: from the checkpoint")]
+MaxModelLenOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Context limit in tokens [default: from the model]", show_default=False),
+]
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def make_params(**kwargs: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        fail(str(e))
+
+
+def load_llm(model: str | None, dtype: Dtype, max_model_len: int | None) -> Any:
+    try:
+        path = resolve_model_path(model)
+    except ModelNotFoundError as e:
+        fail(str(e))
+    from glmserve import LLM  # imports torch: only once a model is really needed
+
+    try:
+        return LLM(model=str(path), dtype=dtype.value, max_model_len=max_model_len)
+    except (ValueError, OSError, NotImplementedError) as e:
+        fail(f"cannot load {path}: {e}")
+
+
+# ---------------------------------------------------------------- chat
+
+USER_PROMPT = "\n用户/User: "
+ASSISTANT_LABEL = "\n助手/Assistant: "
+BANNER = (
+    "glmserve chat: type a message; `clear` resets the history, `stop` or Ctrl-D exits, "
+    "Ctrl-C interrupts an answer"
+)
+
+
+@dataclass
+class ChatSession:
+    """A terminal conversation. The history is a list of user/assistant message pairs."""
+
+    llm: Any
+    params: SamplingParams
+    max_length: int  # ChatGLM's meaning: prompt plus answer tokens
+    system: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def run(self) -> None:
+        try:
+            import readline  # noqa: F401  line editing and history for input(), where available
+        except ImportError:
+            pass
+        print(BANNER)
+        while (query := self.read_query()) is not None and query != "stop":
+            if query == "clear":
+                self.clear()
+            elif query:
+                self.reply(query)
+
+    def read_query(self) -> str | None:
+        try:
+            return input(USER_PROMPT).strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+
+    def clear(self) -> None:
+        self.history = []
+        if sys.stdout.isatty():
+            print("\033[2J\033[H", end="")  # ANSI: clear screen, cursor home
+        print("对话历史已清空 / history cleared")
+
+    def reply(self, query: str) -> None:
+        limit = min(self.max_length, self.llm.max_model_len)
+        prompt_ids, history = self.build_prompt(query, limit)
+        if len(prompt_ids) >= limit:
+            print(
+                f"消息太长 / message too long: {len(prompt_ids)} tokens, the limit is {limit} (--max-length)"
+            )
+            return
+        answer = self.stream_answer(prompt_ids, replace(self.params, max_tokens=limit - len(prompt_ids)))
+        user_turn = {"role": "user", "content": query}
+        self.history = [*history, user_turn, {"role": "assistant", "content": answer}]
+
+    def build_prompt(self, query: str, limit: int) -> tuple[list[int], list[dict]]:
+        """Prompt ids with as much recent history as fits below `limit`; drops the oldest turns first."""
+        tokenizer = self.llm.get_tokenizer()
+        history = self.history
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            messages = [*system, *history, {"role": "user", "content": query}]
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            if len(prompt_ids) < limit or not history:
+                return prompt_ids, history
+            history = history[2:]
+
+    def stream_answer(self, prompt_ids: list[int], params: SamplingParams) -> str:
+        """Print the answer as it streams. Ctrl-C closes the stream, which aborts the request."""
+        print(ASSISTANT_LABEL, end="", flush=True)
+        pieces: list[str] = []
+        finish_reason = None
+        try:
+            with closing(self.llm.stream(prompt_ids, params)) as outputs:
+                for out in outputs:
+                    print(out.text_delta, end="", flush=True)
+                    pieces.append(out.text_delta)
+                    finish_reason = out.finish_reason
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        except ValueError as e:  # the engine refused the request
+            print(f"[error: {e}]", end="")
+        print()
+        if finish_reason == "length":
+            print("[stopped at the length limit: raise --max-length for longer answers]")
+        return "".join(pieces)
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    dtype: DtypeOption = Dtype.auto,
+    max_model_len: MaxModelLenOption = None,
+    system: Annotated[str | None, typer.Option(help="System prompt for the whole conversation")] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass")] = 0.8,
+    max_length: Annotated[int, typer.Option(min=2, help="Prompt plus answer tokens per turn")] = 2048,
+) -> None:
+    """Chat in the terminal. Answers stream as they are generated.
+
+    Type `clear` to reset the history, `stop` or Ctrl-D to exit. Ctrl-C during an answer
+    stops it (the partial answer stays in the history); Ctrl-C at the prompt exits.
+    When the conversation outgrows --max-length, the oldest turns are dropped.
+    """
+    params = make_params(temperature=temperature, top_p=top_p)
+    llm = load_llm(model, dtype, max_model_len)
+    ChatSession(llm, params, max_length, system).run()
+
+
+# ---------------------------------------------------------------- generate
+
+LINE_PARAM_TYPES = {
+    "max_tokens": "int",
+    "seed": "int",
+    "temperature": "number",
+    "top_p": "number",
+    "stop": "str_list",
+}
+
+
+@dataclass
+class BatchItem:
+    """One non-blank input line: a request to run, or the reason it cannot run."""
+
+    index: int
+    line_no: int
+    prompt: str | list[dict] | None = None  # text, or a list of chat messages
+    params: SamplingParams | None = None
+    error: str | None = None
+    result: dict | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def is_param_type(value: Any, kind: str) -> bool:
+    if kind == "str_list":
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int if kind == "int" else is_int or isinstance(value, float)
+
+
+def is_message_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def parse_line(text: str, defaults: dict) -> tuple[str | list[dict], SamplingParams]:
+    """One JSONL request -> (prompt or messages, params). Raises ValueError with a one-line reason."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(obj.keys() - {"prompt", "messages"} - LINE_PARAM_TYPES.keys())
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise ValueError("need exactly one of 'prompt' (a string) or 'messages' (a list)")
+    if "prompt" in obj and not isinstance(obj["prompt"], str):
+        raise ValueError("'prompt' must be a string")
+    if "messages" in obj and not is_message_list(obj["messages"]):
+        raise ValueError('\'messages\' must be a non-empty list of {"role": str, "content": str}')
+    overrides = {k: v for k, v in obj.items() if k in LINE_PARAM_TYPES}
+    for name, value in overrides.items():
+        if not is_param_type(value, LINE_PARAM_TYPES[name]):
+            raise ValueError(f"'{name}' must be of type {LINE_PARAM_TYPES[name]}")
+    return obj.get("prompt", obj.get("messages")), SamplingParams(**{**defaults, **overrides})
+
+
+def read_lines(path: str) -> list[str]:
+    source = open_stream(path, "r")
+    try:
+        return source.readlines()
+    except UnicodeDecodeError as e:
+        fail(f"{path} is not UTF-8 text: {e.reason}")
+    finally:
+        if source is not sys.stdin:
+            source.close()
+
+
+def read_items(lines: list[str], defaults: dict) -> list[BatchItem]:
+    items: list[BatchItem] = []
+    for line_no, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        item = BatchItem(index=len(items), line_no=line_no)
+        try:
+            item.prompt, item.params = parse_line(text, defaults)
+        except ValueError as e:
+            item.error = str(e)
+        items.append(item)
+    return items
+
+
+def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[int] | None:
+    """The prompt's token ids; sets item.error when the prompt leaves no room for an answer."""
+    try:
+        if item.is_chat:
+            prompt_ids = tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True)
+        else:
+            prompt_ids = tokenizer.encode(item.prompt)
+    except Exception as e:  # a malformed conversation fails its own line, never the batch
+        item.error = f"cannot build the prompt: {e}"
+        return None
+    room = max_model_len - len(prompt_ids)
+    if room < 1:
+        item.error = f"prompt too long: {len(prompt_ids)} tokens, the context limit is {max_model_len}"
+        return None
+    if item.params.max_tokens is None or item.params.max_tokens > room:
+        item.params = replace(item.params, max_tokens=room)  # finishes with "length" at the context limit
+    return prompt_ids
+
+
+def run_batch(llm: Any, items: list[BatchItem]) -> None:
+    """Run every runnable item: at most one batched llm.generate and one llm.chat call."""
+    tokenizer = llm.get_tokenizer()
+    prompt_ids = {
+        item.index: fit_to_context(item, tokenizer, llm.max_model_len) for item in items if not item.error
+    }
+    runnable = [item for item in items if not item.error]
+    texts = [item for item in runnable if not item.is_chat]
+    chats = [item for item in runnable if item.is_chat]
+    if texts:
+        inputs = [{"prompt_token_ids": prompt_ids[item.index]} for item in texts]
+        collect(texts, llm.generate(inputs, [item.params for item in texts], use_tqdm=True))
+    if chats:
+        collect(
+            chats, llm.chat([item.prompt for item in chats], [item.params for item in chats], use_tqdm=True)
+        )
+
+
+def collect(items: list[BatchItem], outputs: list[Any]) -> None:
+    for item, out in zip(items, outputs, strict=True):
+        completion = out.outputs[0]
+        item.result = {
+            "index": item.index,
+            "text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": len(completion.token_ids),
+        }
+
+
+def open_stream(path: str, mode: str) -> TextIO:
+    if path == "-":
+        return sys.stdin if "r" in mode else sys.stdout
+    try:
+        return open(path, mode, encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot open {path}: {e.strerror}")
+
+
+@app.command()
+def generate(
+    input_path: Annotated[str, typer.Option("--input", "-i", help="JSONL requests, `-` for stdin")],
+    output_path: Annotated[str, typer.Option("--output", "-o", help="JSONL results, `-` for stdout")] = "-",
+    model: ModelOption = None,
+    dtype: DtypeOption = Dtype.auto,
+    max_model_len: MaxModelLenOption = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Default 256", show_default=False)] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Default 1.0; 0 is greedy", show_default=False)
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(help="Default 1.0", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed for every line", show_default=False)] = None,
+) -> None:
+    """Run a JSONL file of requests as one batch, with a progress bar.
+
+    Each line is {"prompt": "..."} or {"messages": [...]}, optionally with max_tokens,
+    temperature, top_p, stop, seed. Each writes one line, in order: {"index", "text",
+    "finish_reason", "prompt_tokens", "completion_tokens"}, or {"index", "line", "error"}.
+    """
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    defaults = {name: value for name, value in given.items() if value is not None}
+    make_params(**defaults)
+    items = read_items(read_lines(input_path), defaults)
+    sink = open_stream(output_path, "w")
+    if any(not item.error for item in items):
+        llm = load_llm(model, dtype, max_model_len)
+        try:
+            run_batch(llm, items)
+        except ValueError as e:  # the engine refused the batch: nothing was written yet
+            fail(str(e))
+    write_results(items, sink)
+    if sink is not sys.stdout:
+        sink.close()
+
+
+def write_results(items: list[BatchItem], sink: TextIO) -> None:
+    for item in items:
+        if item.error:
+            typer.echo(f"warning: line {item.line_no}: {item.error}", err=True)
+        record = item.result or {"index": item.index, "line": item.line_no, "error": item.error}
+        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sink.flush()
+    num_failed = sum(1 for item in items if item.error)
+    typer.echo(f"{len(items) - num_failed} ok, {num_failed} failed", err=True)
+
+
+def main() -> None:
+    app(prog_name="glmserve")

@@ -1,0 +1,58 @@
+"""Device facts: dtype choice, physical cores, free memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 GEMMs run natively (else they are emulated, slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def num_physical_cores() -> int:
+    """Physical cores usable by this process (hyper-threads share a core's FPUs)."""
+    try:
+        usable = os.sched_getaffinity(0)
+        text = Path("/proc/cpuinfo").read_text()
+    except (OSError, AttributeError):
+        return os.cpu_count() or 1
+    cores, processor, physical_id = set(), None, "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "processor":
+            processor = int(value)
+        elif key == "physical id":
+            physical_id = value
+        elif key == "core id" and processor in usable:
+            cores.add((physical_id, value))
+    return max(1, len(cores) or len(usable))
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")

@@ -1,0 +1,204 @@
+"""GGUF files (llama.cpp) -> ModelConfig + float tensors under Hugging Face Llama names.
+
+The file is memory-mapped by `gguf.GGUFReader`; each tensor is dequantized on its own,
+converted and handed over, so peak memory stays near one model in the target dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from glmserve.config import ModelConfig
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF arch -> are attn_q/attn_k rows permuted by llama.cpp's converter (`LlamaModel.permute`)?
+SUPPORTED_ARCHS = {"llama": True, "qwen2": False}
+
+# Types with a numpy dequantizer in gguf.quants, all block formats from ggml-quants.c.
+SUPPORTED_TYPES = frozenset({
+    QType.F32, QType.F16, QType.BF16,
+    QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+    QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+})
+
+# GGUF tensor names (gguf-py `TENSOR_NAMES`) -> Hugging Face Llama module names.
+TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class GGUFCheckpoint:
+    path: Path
+    config: ModelConfig
+    reader: gguf.GGUFReader = field(repr=False)
+    is_rope_permuted: bool = False
+    format: str = "gguf"
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor in `dtype`), one tensor at a time, in file order."""
+        for tensor in self.reader.tensors:
+            weights = dequantize_tensor(tensor).to(dtype)
+            num_heads = self._permuted_heads(tensor.name)
+            if num_heads is not None:
+                weights = unpermute_rope_rows(weights, num_heads)
+            yield hf_tensor_name(tensor.name), weights
+
+    def _permuted_heads(self, gguf_name: str) -> int | None:
+        if not self.is_rope_permuted:
+            return None
+        if ".attn_q." in gguf_name:
+            return self.config.num_attention_heads
+        if ".attn_k." in gguf_name:
+            return self.config.num_key_value_heads
+        return None
+
+
+def is_gguf_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
+def open_gguf(path: Path) -> GGUFCheckpoint:
+    reader = open_reader(path)
+    arch = _value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+    check_tensors(reader)
+    return GGUFCheckpoint(path, gguf_model_config(reader), reader, is_rope_permuted=SUPPORTED_ARCHS[arch])
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """All metadata key/values as plain Python values (str, int, float, bool, lists); no tensor data is read."""
+    reader = open_reader(Path(path))
+    # GGUF.version / tensor_count / kv_count are header fields the reader adds, not metadata.
+    return {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    if not is_gguf_file(path):
+        raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
+    reader = gguf.GGUFReader(path)
+    if reader.byte_order != "I":
+        raise ValueError(f"{path}: GGUF files in the other byte order than this machine's are not supported")
+    return reader
+
+
+def check_tensors(reader: gguf.GGUFReader) -> None:
+    """Fail at open time, not halfway through loading, on tensors we cannot map or dequantize."""
+    for tensor in reader.tensors:
+        hf_tensor_name(tensor.name)
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+            raise ValueError(
+                f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, not supported; supported: {supported}"
+            )
+
+
+def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
+    arch = _value(reader, "general.architecture")
+
+    def arch_value(key: str, default: Any = _REQUIRED) -> Any:
+        return _value(reader, f"{arch}.{key}", default)
+
+    hidden_size = arch_value("embedding_length")
+    num_heads = arch_value("attention.head_count")
+    head_dim = arch_value("attention.key_length", None) or arch_value("rope.dimension_count", None)
+    tensor_names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=arch_value("vocab_size", None) or _num_tokens(reader),
+        hidden_size=hidden_size,
+        intermediate_size=arch_value("feed_forward_length"),
+        num_hidden_layers=arch_value("block_count"),
+        num_attention_heads=num_heads,
+        num_key_value_heads=arch_value("attention.head_count_kv", num_heads),
+        head_dim=head_dim or hidden_size // num_heads,
+        rms_norm_eps=arch_value("attention.layer_norm_rms_epsilon"),
+        rope_theta=arch_value("rope.freq_base", 10000.0),
+        max_position_embeddings=arch_value("context_length"),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_ids=_eos_token_ids(reader),
+        extra={"model_type": arch},
+    )
+
+
+def _value(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
+    f = reader.get_field(key)
+    if f is not None:
+        return f.contents()
+    if default is _REQUIRED:
+        raise ValueError(f"GGUF metadata has no {key!r}")
+    return default
+
+
+def _num_tokens(reader: gguf.GGUFReader) -> int:
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError("GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+    return len(tokens.data)  # one data index per string; no need to decode the strings
+
+
+def _eos_token_ids(reader: gguf.GGUFReader) -> tuple[int, ...]:
+    # eot/eom: end of turn / end of message, e.g. Llama 3's <|eot_id|>, <|eom_id|>.
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    ids = (_value(reader, key, None) for key in keys)
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    stem, _, kind = gguf_name.rpartition(".")  # kind: weight | bias
+    if stem.startswith("blk."):
+        _, layer, part = stem.split(".", 2)
+        hf_part = BLOCK_NAMES.get(part)
+        hf_stem = hf_part and f"model.layers.{layer}.{hf_part}"
+    else:
+        hf_stem = TOP_LEVEL_NAMES.get(stem)
+    if hf_stem is None or kind not in ("weight", "bias"):
+        raise ValueError(f"unsupported GGUF tensor {gguf_name!r} (no Hugging Face Llama equivalent)")
+    return f"{hf_stem}.{kind}"
+
+
+def dequantize_tensor(tensor: gguf.ReaderTensor) -> torch.Tensor:
+    """float32 tensor in torch layout. GGUF lists dims fastest-first (ne[0] = row length),
+    so the torch shape is the GGUF shape reversed; `tensor.data` holds raw blocks per row."""
+    array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    shape = tuple(reversed(tensor.shape.tolist()))
+    if array.shape != shape:
+        raise ValueError(f"GGUF tensor {tensor.name!r} dequantized to {array.shape}, expected {shape}")
+    if not array.flags.writeable:
+        array = array.copy()  # F32 comes back as a view of the read-only memmap
+    return torch.from_numpy(array)
+
+
+def unpermute_rope_rows(weights: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's `LlamaModel.permute` of attn_q / attn_k rows (weight or bias).
+
+    Per head, llama.cpp interleaves the two rotary halves (rows x0, x_{d/2}, x1, x_{d/2+1}, ...)
+    for its GPT-J style RoPE; Hugging Face keeps them split (x0..x_{d/2-1}, x_{d/2}..x_{d-1})
+    for `rotate_half`. Same formula as transformers' `reverse_permute_weights`.
+    """
+    # [num_heads * head_dim, ...] -> [num_heads, head_dim // 2, 2, ...] -> [num_heads, 2, head_dim // 2, ...]
+    return weights.unflatten(0, (num_heads, -1, 2)).transpose(1, 2).reshape(weights.shape)

@@ -1,0 +1,170 @@
+"""Hugging Face checkpoint folders (config.json + safetensors or .bin shards) -> ModelConfig + tensors.
+
+Shards are opened one at a time and tensors read one at a time (safetensors `safe_open`,
+`torch.load(mmap=True)`), so peak memory stays near one model in the target dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from glmserve.config import ModelConfig
+
+# model_type values served by the Llama model (engine/models/llama.py).
+LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+# ModelConfig field -> config.json keys, first present wins: Hugging Face names, then ChatGLM's.
+CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", "padded_vocab_size"),
+    "hidden_size": ("hidden_size",),
+    "intermediate_size": ("intermediate_size", "ffn_hidden_size"),
+    "num_hidden_layers": ("num_hidden_layers", "num_layers"),
+    "num_attention_heads": ("num_attention_heads",),
+    "num_key_value_heads": ("num_key_value_heads", "multi_query_group_num", "num_attention_heads"),
+    "head_dim": ("head_dim", "kv_channels"),
+    "rms_norm_eps": ("rms_norm_eps", "layernorm_epsilon"),
+    "max_position_embeddings": ("max_position_embeddings", "seq_length", "model_max_length"),
+}
+OPTIONAL_FIELDS = frozenset({"head_dim", "rms_norm_eps", "max_position_embeddings"})
+
+# (format, single file, shard index), in order of preference.
+WEIGHT_LAYOUTS = (
+    ("safetensors", "model.safetensors", "model.safetensors.index.json"),
+    ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+@dataclass(frozen=True)
+class HFCheckpoint:
+    path: Path
+    config: ModelConfig
+    format: str  # "safetensors" | "bin"
+    weight_files: tuple[Path, ...]
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor), float tensors in `dtype`, one shard and one tensor at a time."""
+        read = read_safetensors if self.format == "safetensors" else read_bin
+        for file in self.weight_files:
+            for name, tensor in read(file):
+                if not self._is_skipped(name):
+                    yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def _is_skipped(self, name: str) -> bool:
+        # Old Llama checkpoints saved the RoPE inv_freq buffer (derived from config); some tied
+        # checkpoints still save lm_head, a copy of the embedding.
+        if self.config.architecture != "llama":
+            return False
+        is_tied_head = self.config.tie_word_embeddings and name == "lm_head.weight"
+        return is_tied_head or name.endswith("rotary_emb.inv_freq")
+
+
+def open_hf_folder(folder: Path) -> HFCheckpoint:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.json; expected a Hugging Face checkpoint folder")
+    generation_file = folder / "generation_config.json"
+    generation_config = _read_json(generation_file) if generation_file.is_file() else {}
+    config = hf_model_config(_read_json(config_file), generation_config)
+    weight_format, weight_files = find_weight_files(folder)
+    return HFCheckpoint(folder, config, weight_format, weight_files)
+
+
+def hf_model_config(config: dict[str, Any], generation_config: dict[str, Any]) -> ModelConfig:
+    """Llama-like model types map to architecture "llama"; any other keeps its model_type and
+    carries the whole config.json in `extra` for its family's model to read."""
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError("config.json has no model_type")
+    values = _config_values(config, model_type)
+    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
+    is_llama = model_type in LLAMA_TYPES
+    return ModelConfig(
+        architecture="llama" if is_llama else model_type,
+        **values,
+        rope_theta=_rope_theta(config),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        bos_token_id=_first(generation_config, "bos_token_id", default=config.get("bos_token_id")),
+        eos_token_ids=_eos_token_ids(config, generation_config),
+        torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+        extra=_llama_extra(config) if is_llama else dict(config),
+    )
+
+
+def _config_values(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    values = {name: _first(config, *keys) for name, keys in CONFIG_KEYS.items()}
+    missing = [name for name, value in values.items() if value is None and name not in OPTIONAL_FIELDS]
+    if missing:
+        looked_for = "; ".join(f"{name}: {' / '.join(CONFIG_KEYS[name])}" for name in missing)
+        raise ValueError(f"config.json (model_type {model_type!r}) lacks {looked_for}")
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _first(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    # `"head_dim": null` occurs in real configs; treat null as absent.
+    return next((config[k] for k in keys if config.get(k) is not None), default)
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    # transformers >= 5 writes rope_theta inside rope_parameters.
+    rope_parameters = config.get("rope_parameters") or {}
+    return float(_first(config, "rope_theta", default=rope_parameters.get("rope_theta", 10000.0)))
+
+
+def _eos_token_ids(config: dict[str, Any], generation_config: dict[str, Any]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (generation_config, config):
+        eos = source.get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return tuple(dict.fromkeys(ids))
+
+
+def _llama_extra(config: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {"model_type": config["model_type"]}
+    rope_parameters = config.get("rope_parameters") or {}
+    if rope_parameters.get("rope_type", "default") != "default":
+        extra["rope_scaling"] = rope_parameters
+    elif config.get("rope_scaling"):
+        extra["rope_scaling"] = config["rope_scaling"]
+    return extra
+
+
+def find_weight_files(folder: Path) -> tuple[str, tuple[Path, ...]]:
+    """(format, files): an index's shards in name order, else the single file; safetensors first."""
+    for weight_format, single_name, index_name in WEIGHT_LAYOUTS:
+        if (folder / index_name).is_file():
+            weight_map = _read_json(folder / index_name)["weight_map"]
+            files = tuple(folder / name for name in sorted(set(weight_map.values())))
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ValueError(f"{folder}: shards listed in {index_name} are missing: {', '.join(missing)}")
+            return weight_format, files
+        if (folder / single_name).is_file():
+            return weight_format, (folder / single_name,)
+    expected = ", ".join(name for layout in WEIGHT_LAYOUTS for name in layout[1:])
+    raise ValueError(f"{folder} has no weights; expected one of {expected}")
+
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    # mmap: storages stay in the file's page cache until a tensor is converted or copied.
+    state_dict = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    for name in list(state_dict):
+        yield name, state_dict.pop(name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

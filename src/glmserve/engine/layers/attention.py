@@ -1,0 +1,95 @@
+"""Attention over the paged KV cache for a batch mixing decodes and (chunked) prefills.
+
+The flat batch holds the decode tokens first (one per sequence), then the prefill tokens of
+each prefilling sequence back to back. Each layer writes the new K/V into the cache slots
+(`slot_mapping`), then:
+- decodes: gather each sequence's blocks, attend with two batched matmuls (on this CPU
+  about twice as fast as SDPA's kernel for batched single-token queries);
+- prefills: pad the chunks to [P, max_q], gather the blocks, one SDPA call with a causal
+  mask by absolute position (chunks may start after a cached prefix).
+Grouped KV heads are handled by folding each group of query heads into the query length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] additive: 0 where key index < context length, -inf after
+    prefill_block_tables: torch.Tensor | None  # [P, max_blocks]
+    prefill_mask: torch.Tensor | None  # [P, 1, max_q, L] bool: key position <= query position
+    prefill_pad_index: torch.Tensor | None  # [P * max_q] row of the prefill tokens for each padded query
+    prefill_unpad_index: torch.Tensor | None  # [num_prefill_tokens] padded row of each prefill token
+    prefill_max_q: int = 0
+    prefill_is_fresh: bool = False  # one prefill with nothing cached before it: plain causal attention
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, kv_heads, head_dim] -> [B, kv_heads, L, head_dim]."""
+    gathered = cache[block_tables]  # [B, max_blocks, block_size, kv_heads, head_dim]
+    return gathered.flatten(1, 2).transpose(1, 2)
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group_size = num_heads // num_kv_heads
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, KVH, D]
+        v: torch.Tensor,  # [T, KVH, D]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, H * D]
+        k_cache, v_cache = kv_cache
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        num_decode = meta.num_decode_tokens
+        parts = []
+        if num_decode:
+            parts.append(self._decode(q[:num_decode], k_cache, v_cache, meta))
+        if num_decode < q.shape[0]:
+            parts.append(self._prefill(q[num_decode:], k[num_decode:], v[num_decode:], k_cache, v_cache, meta))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        b = q.shape[0]
+        keys = gather_blocks(k_cache, meta.decode_block_tables)  # [B, KVH, L, D]
+        values = gather_blocks(v_cache, meta.decode_block_tables)
+        q = q.view(b, self.num_kv_heads, self.group_size, self.head_dim) * self.scale  # [B, KVH, G, D]
+        scores = torch.matmul(q, keys.transpose(-1, -2)) + meta.decode_mask  # [B, KVH, G, L]
+        probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, values).view(b, self.num_heads * self.head_dim)  # [B, H*D]
+
+    def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.prefill_is_fresh:  # [1, H, n, D] against the chunk's own keys
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0),
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
+                is_causal=True,
+                enable_gqa=True,
+            )
+            return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+        p, max_q = meta.prefill_block_tables.shape[0], meta.prefill_max_q
+        padded_q = q[meta.prefill_pad_index].view(p, max_q, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = gather_blocks(k_cache, meta.prefill_block_tables)  # [P, KVH, L, D]
+        values = gather_blocks(v_cache, meta.prefill_block_tables)
+        out = F.scaled_dot_product_attention(
+            padded_q, keys, values, attn_mask=meta.prefill_mask, enable_gqa=True
+        )  # [P, H, max_q, D]
+        out = out.transpose(1, 2).reshape(p * max_q, self.num_heads * self.head_dim)
+        return out[meta.prefill_unpad_index]

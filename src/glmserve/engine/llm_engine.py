@@ -1,0 +1,175 @@
+"""LLMEngine: add_request / step / abort over the scheduler, block manager and model runner.
+
+Token ids in, token ids (and their incremental text) out; roles and chat formats live in chat/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from glmserve.chat.detokenize import IncrementalDetokenizer
+from glmserve.config import EngineConfig
+from glmserve.engine.block_manager import BlockManager
+from glmserve.engine.loader import open_checkpoint
+from glmserve.engine.model_runner import ModelRunner, StepResult
+from glmserve.engine.outputs import StreamOutput
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.scheduler import Scheduler
+from glmserve.engine.sequence import Sequence
+from glmserve.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_MAX_MODEL_LEN = 8192  # cap when the checkpoint allows more and none was asked for
+
+
+class LLMEngine:
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, tokenizer: Tokenizer | None = None):
+        self.config = config or EngineConfig()
+        checkpoint = open_checkpoint(Path(model_path))
+        self.model_config = checkpoint.config
+        self.tokenizer = tokenizer or load_tokenizer(model_path)
+        self.max_model_len = self._max_model_len()
+        self.stop_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.stop_token_ids)
+        self.runner = ModelRunner(self.model_config, self.config, checkpoint, sorted(self.stop_token_ids))
+        num_blocks = self.runner.num_kv_blocks_for_budget(self.config.max_num_seqs * self.max_model_len)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    def _max_model_len(self) -> int:
+        model_limit = self.model_config.max_position_embeddings
+        if self.config.max_model_len is None:
+            return min(model_limit, DEFAULT_MAX_MODEL_LEN)
+        if self.config.max_model_len > model_limit:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context of {model_limit}")
+        return self.config.max_model_len
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError (with the numbers) if it can never run."""
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        vocab_size = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context length "
+                f"of {self.max_model_len} tokens"
+            )
+        if num_prompt + max_tokens > self.kv_cache_tokens:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache of "
+                f"{self.kv_cache_tokens} tokens; raise kv_cache_memory"
+            )
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        self.seqs[request_id] = seq
+        self.detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer,
+            seq.prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks at once; False if it is unknown or already done."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.seqs)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[StreamOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        self.runner.zero_new_blocks(self.block_manager.num_touched_blocks)
+        result = self.runner.run(batch)
+        self.scheduler.postprocess(batch)
+        outputs = []
+        for i, seq in enumerate(batch.seqs):
+            out = self._process(seq, result, i)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _process(self, seq: Sequence, result: StepResult, i: int) -> StreamOutput | None:
+        if result.prompt_logprobs[i] is not None:
+            first_target, entries = result.prompt_logprobs[i]
+            # Only positions not recorded yet (a preempted sequence recomputes its prompt).
+            seq.prompt_logprobs.extend(entries[len(seq.prompt_logprobs) - first_target :])
+        token_id = result.sampled_token_ids[i]
+        if token_id is None:
+            return None
+        is_first = seq.num_output_tokens == 0
+        seq.append_token(token_id)
+        out = StreamOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token_id],
+            text_delta="",
+            logprobs=[result.logprobs[i]] if result.logprobs[i] is not None else None,
+            prompt_logprobs=seq.prompt_logprobs if is_first else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        self._check_finish(seq, token_id, out)
+        return out
+
+    def _check_finish(self, seq: Sequence, token_id: int, out: StreamOutput) -> None:
+        params, detok = seq.params, self.detokenizers[seq.request_id]
+        can_stop = seq.num_output_tokens > params.min_tokens or params.min_tokens == 0
+        if can_stop and token_id in params.stop_token_ids:
+            reason, stop_reason = "stop", token_id
+        elif can_stop and not params.ignore_eos and token_id in self.stop_token_ids:
+            reason, stop_reason = "stop", None
+        else:
+            out.text_delta = detok.add([token_id])
+            reason, stop_reason = None, None
+            if detok.is_stopped:
+                reason, stop_reason = "stop", detok.stop_reason
+            elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            if not detok.is_stopped:
+                out.text_delta += detok.flush()
+            out.finish_reason, out.stop_reason = reason, stop_reason
+            self._finish(seq, reason, stop_reason)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        self.runner.release(seq.request_id)
+        self.seqs.pop(seq.request_id, None)
+        self.detokenizers.pop(seq.request_id, None)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.block_manager.usage,
+            "prefix_cache_hit_rate": self.block_manager.prefix_cache_hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,248 @@
+"""The only place sequences become tensors: batch preparation, the KV pool, forward, sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from glmserve.config import EngineConfig, ModelConfig
+from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
+from glmserve.engine.layers.attention import AttentionMetadata
+from glmserve.engine.models import build_model, load_weights
+from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
+from glmserve.engine.scheduler import ScheduledBatch
+from glmserve.engine.sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    """Per scheduled sequence: the sampled token (None mid-prefill) and requested logprobs."""
+
+    sampled_token_ids: list[int | None]
+    logprobs: list[dict[int, float] | None]
+    # per sequence: (position of the first prompt token scored, its entries) or None
+    prompt_logprobs: list[tuple[int, list[dict[int, float]]] | None] = field(default_factory=list)
+
+
+@dataclass
+class _Inputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    order: list[int]  # batch index of each sequence in flat order (decodes first)
+    sample_rows: list[int]  # flat row of each sampling sequence's last token
+    sample_seq_indices: list[int]  # batch index of each sampling sequence
+    prompt_rows: list[tuple[int, int, int, int]]  # (batch index, first row, num rows, first target position)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, checkpoint, eos_token_ids):
+        self.model_config, self.engine_config = model_config, engine_config
+        self.device = torch.device(engine_config.device)
+        self.dtype = resolve_dtype(engine_config.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(engine_config.num_threads or num_physical_cores())
+        self.eos_token_ids = list(eos_token_ids)  # banned before min_tokens
+        self.model = build_model(model_config, self.dtype, self.device)
+        load_weights(self.model, checkpoint.iter_tensors(self.dtype))
+        self.block_size = engine_config.block_size
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_zeroed_blocks = 0
+        self.generators: dict[str, torch.Generator] = {}
+
+    # -- KV pool ------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.model_config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+
+    def num_kv_blocks_for_budget(self, max_tokens_needed: int) -> int:
+        """Blocks the KV budget allows, never more than `max_tokens_needed` can use."""
+        budget = self.engine_config.kv_cache_memory
+        if budget <= 1:
+            budget = budget * available_memory_bytes(self.device)
+        block_bytes = self.kv_bytes_per_token * self.block_size
+        return min(int(budget // block_bytes), -(-max_tokens_needed // self.block_size))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        c = self.model_config
+        shape = (num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        # Uninitialised: pages are touched only when blocks are first used (see zero_new_blocks).
+        self.kv_caches = [
+            (torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.zero_new_blocks(1)  # block 0 pads block tables
+
+    def zero_new_blocks(self, num_touched_blocks: int) -> None:
+        """Zero blocks on first use: masked-out slots are multiplied by 0, and 0 * NaN garbage is NaN."""
+        if num_touched_blocks <= self.num_zeroed_blocks:
+            return
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[self.num_zeroed_blocks : num_touched_blocks].zero_()
+            v_cache[self.num_zeroed_blocks : num_touched_blocks].zero_()
+        self.num_zeroed_blocks = num_touched_blocks
+
+    # -- a step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        inputs = self._prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        result = StepResult([None] * len(batch.seqs), [None] * len(batch.seqs), [None] * len(batch.seqs))
+        if inputs.sample_rows:
+            self._sample(batch, inputs, hidden, result)
+        if inputs.prompt_rows:
+            self._score_prompts(batch, inputs, hidden, result)
+        return result
+
+    def _sample(self, batch: ScheduledBatch, inputs: _Inputs, hidden: torch.Tensor, result: StepResult) -> None:
+        seqs = [batch.seqs[i] for i in inputs.sample_seq_indices]
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
+        sampling = build_sampling_batch(
+            [s.params for s in seqs],
+            [s.token_ids if s.params.repetition_penalty != 1.0 else [] for s in seqs],
+            [s.output_token_ids for s in seqs],
+            [self._banned_ids(s) for s in seqs],
+            [self._generator(s) for s in seqs],
+            self.device,
+        )
+        token_ids, _ = sample(logits, sampling)
+        token_list = token_ids.tolist()
+        if sampling.num_logprobs >= 0:
+            chosen, top_values, top_ids = topk_logprobs(logits, token_ids, sampling.num_logprobs)
+            entries = _logprob_entries(token_list, chosen.tolist(), top_values.tolist(), top_ids.tolist())
+        for row, seq_index in enumerate(inputs.sample_seq_indices):
+            result.sampled_token_ids[seq_index] = token_list[row]
+            k = batch.seqs[seq_index].params.logprobs
+            if k is not None:
+                result.logprobs[seq_index] = _truncate(entries[row], token_list[row], k)
+
+    def _score_prompts(self, batch, inputs: _Inputs, hidden: torch.Tensor, result: StepResult) -> None:
+        for seq_index, first_row, num_rows, first_target in inputs.prompt_rows:
+            seq = batch.seqs[seq_index]
+            targets = seq.prompt_token_ids[first_target : first_target + num_rows]
+            logits = self.model.compute_logits(hidden[first_row : first_row + num_rows])
+            target_ids = torch.tensor(targets, device=self.device)
+            k = seq.params.prompt_logprobs
+            chosen, top_values, top_ids = topk_logprobs(logits, target_ids, k)
+            entries = _logprob_entries(targets, chosen.tolist(), top_values.tolist(), top_ids.tolist())
+            result.prompt_logprobs[seq_index] = (first_target, entries)
+
+    def _banned_ids(self, seq: Sequence) -> list[int]:
+        if seq.num_output_tokens >= seq.params.min_tokens:
+            return []
+        eos = [] if seq.params.ignore_eos else self.eos_token_ids
+        return eos + seq.params.stop_token_ids
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None or seq.params.is_greedy:
+            return None
+        gen = self.generators.get(seq.request_id)
+        if gen is None:
+            gen = self.generators[seq.request_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+        return gen
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    # -- batch preparation --------------------------------------------------------------------
+    def _prepare(self, batch: ScheduledBatch) -> _Inputs:
+        n_new = batch.num_new_tokens
+        decode = [i for i, n in enumerate(n_new) if n == 1]
+        prefill = [i for i, n in enumerate(n_new) if n > 1]
+        order = decode + prefill
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        sample_rows, sample_seq_indices, prompt_rows = [], [], []
+        for i in order:
+            seq, n = batch.seqs[i], n_new[i]
+            start, row = seq.num_computed_tokens, len(ids)
+            ids.extend(seq.token_ids[start : start + n] if n > 1 else [seq.token_at(start)])
+            pos = np.arange(start, start + n)
+            table = np.asarray(seq.block_table)
+            positions.append(pos)
+            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            if start + n == seq.num_tokens:
+                sample_rows.append(row + n - 1)
+                sample_seq_indices.append(i)
+            if seq.params.prompt_logprobs is not None:
+                num_scored = min(start + n, seq.num_prompt_tokens - 1) - start  # targets within the prompt
+                if num_scored > 0:
+                    prompt_rows.append((i, row, num_scored, start + 1))
+        meta = self._attention_metadata(batch, decode, prefill, np.concatenate(slots))
+        return _Inputs(
+            input_ids=torch.tensor(ids, device=self.device),
+            positions=torch.from_numpy(np.concatenate(positions)).to(self.device),
+            meta=meta,
+            order=order,
+            sample_rows=sample_rows,
+            sample_seq_indices=sample_seq_indices,
+            prompt_rows=prompt_rows,
+        )
+
+    def _attention_metadata(self, batch, decode: list[int], prefill: list[int], slots) -> AttentionMetadata:
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(self.device),
+            num_decode_tokens=len(decode),
+            decode_block_tables=None,
+            decode_mask=None,
+            prefill_block_tables=None,
+            prefill_mask=None,
+            prefill_pad_index=None,
+            prefill_unpad_index=None,
+        )
+        if decode:
+            seqs = [batch.seqs[i] for i in decode]
+            meta.decode_block_tables = self._block_tables(seqs)
+            context_lens = torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=self.device)
+            key_index = torch.arange(meta.decode_block_tables.shape[1] * self.block_size, device=self.device)
+            visible = key_index[None, :] < context_lens[:, None]  # [B, L]
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+            meta.decode_mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        if prefill:
+            self._prefill_metadata(meta, [batch.seqs[i] for i in prefill], [batch.num_new_tokens[i] for i in prefill])
+        return meta
+
+    def _prefill_metadata(self, meta: AttentionMetadata, seqs: list[Sequence], q_lens: list[int]) -> None:
+        starts = [s.num_computed_tokens for s in seqs]
+        if len(seqs) == 1 and starts[0] == 0:
+            meta.prefill_is_fresh = True
+            return
+        p, max_q = len(seqs), max(q_lens)
+        meta.prefill_max_q = max_q
+        meta.prefill_block_tables = self._block_tables(seqs)
+        q_index = torch.arange(max_q, device=self.device)
+        q_lens_t = torch.tensor(q_lens, device=self.device)
+        offsets = torch.tensor(np.cumsum([0] + q_lens[:-1]), device=self.device)
+        is_real = q_index[None, :] < q_lens_t[:, None]  # [P, max_q]
+        meta.prefill_pad_index = torch.where(is_real, offsets[:, None] + q_index[None, :], 0).flatten()
+        meta.prefill_unpad_index = (torch.arange(p, device=self.device)[:, None] * max_q + q_index[None, :])[is_real]
+        q_pos = torch.tensor(starts, device=self.device)[:, None] + q_index[None, :]  # [P, max_q]
+        q_pos = torch.where(is_real, q_pos, 0)  # padded rows see key 0 only: no all-masked rows
+        key_pos = torch.arange(meta.prefill_block_tables.shape[1] * self.block_size, device=self.device)
+        meta.prefill_mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [P, 1, max_q, L]
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+
+def _logprob_entries(chosen_ids, chosen, top_values, top_ids) -> list[dict[int, float]]:
+    entries = []
+    for cid, c, values, ids in zip(chosen_ids, chosen, top_values, top_ids, strict=True):
+        entry = dict(zip(ids, values, strict=True))
+        entry[cid] = c
+        entries.append(entry)
+    return entries
+
+
+def _truncate(entry: dict[int, float], chosen_id: int, k: int) -> dict[int, float]:
+    """Keep the chosen token and the k best (rows computed with the batch's largest k)."""
+    best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+    out = dict(best)
+    out[chosen_id] = entry[chosen_id]
+    return out
