@@ -139,7 +139,7 @@ class LLMEngine:
 
     def _check_finish(self, seq: Sequence, token_id: int, out: StreamOutput) -> None:
         params, detok = seq.params, self.detokenizers[seq.request_id]
-        can_stop = seq.num_output_tokens > params.min_tokens or params.min_tokens == 0
+        can_stop = seq.num_output_tokens >= params.min_tokens  # stop ids are banned before that
         if can_stop and token_id in params.stop_token_ids:
             reason, stop_reason = "stop", token_id
         elif can_stop and not params.ignore_eos and token_id in self.stop_token_ids:

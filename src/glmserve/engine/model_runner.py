@@ -68,7 +68,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.model_config
-        shape = (num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_key_value_heads, num_blocks, self.block_size, c.head_dim)
         # Uninitialised: pages are touched only when blocks are first used (see zero_new_blocks).
         self.kv_caches = [
             (torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device))
@@ -81,8 +81,8 @@ class ModelRunner:
         if num_touched_blocks <= self.num_zeroed_blocks:
             return
         for k_cache, v_cache in self.kv_caches:
-            k_cache[self.num_zeroed_blocks : num_touched_blocks].zero_()
-            v_cache[self.num_zeroed_blocks : num_touched_blocks].zero_()
+            k_cache[:, self.num_zeroed_blocks : num_touched_blocks].zero_()
+            v_cache[:, self.num_zeroed_blocks : num_touched_blocks].zero_()
         self.num_zeroed_blocks = num_touched_blocks
 
     # -- a step -------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class ModelRunner:
             key_index = torch.arange(meta.decode_block_tables.shape[1] * self.block_size, device=self.device)
             visible = key_index[None, :] < context_lens[:, None]  # [B, L]
             mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-            meta.decode_mask = mask[:, None, None, :]  # [B, 1, 1, L]
+            meta.decode_mask = mask[None, :, None, :]  # [1, B, 1, L]
         if prefill:
             self._prefill_metadata(meta, [batch.seqs[i] for i in prefill], [batch.num_new_tokens[i] for i in prefill])
         return meta

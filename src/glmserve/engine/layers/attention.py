@@ -24,7 +24,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [B, max_blocks]
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] additive: 0 where key index < context length, -inf after
+    decode_mask: torch.Tensor | None  # [1, B, 1, L] additive: 0 where key index < context length, -inf after
     prefill_block_tables: torch.Tensor | None  # [P, max_blocks]
     prefill_mask: torch.Tensor | None  # [P, 1, max_q, L] bool: key position <= query position
     prefill_pad_index: torch.Tensor | None  # [P * max_q] row of the prefill tokens for each padded query
@@ -34,9 +34,14 @@ class AttentionMetadata:
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """cache [num_blocks, block_size, kv_heads, head_dim] -> [B, kv_heads, L, head_dim]."""
-    gathered = cache[block_tables]  # [B, max_blocks, block_size, kv_heads, head_dim]
-    return gathered.flatten(1, 2).transpose(1, 2)
+    """cache [KVH, num_blocks, block_size, D], block_tables [B, max_blocks] -> [KVH, B, L, D].
+
+    Heads lead the cache layout so the gathered keys are already in the batched-matmul layout
+    (batch dims KVH, B): one index_select copy per layer and no transpose copy.
+    """
+    kvh, _, block_size, d = cache.shape
+    b, max_blocks = block_tables.shape
+    return cache.index_select(1, block_tables.flatten()).view(kvh, b, max_blocks * block_size, d)
 
 
 class PagedAttention(nn.Module):
@@ -51,12 +56,12 @@ class PagedAttention(nn.Module):
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, KVH, D]
         v: torch.Tensor,  # [T, KVH, D]
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [KVH, num_blocks, block_size, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H * D]
         k_cache, v_cache = kv_cache
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         num_decode = meta.num_decode_tokens
         parts = []
         if num_decode:
@@ -67,12 +72,13 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         b = q.shape[0]
-        keys = gather_blocks(k_cache, meta.decode_block_tables)  # [B, KVH, L, D]
+        keys = gather_blocks(k_cache, meta.decode_block_tables)  # [KVH, B, L, D]
         values = gather_blocks(v_cache, meta.decode_block_tables)
-        q = q.view(b, self.num_kv_heads, self.group_size, self.head_dim) * self.scale  # [B, KVH, G, D]
-        scores = torch.matmul(q, keys.transpose(-1, -2)) + meta.decode_mask  # [B, KVH, G, L]
+        q = (q * self.scale).view(b, self.num_kv_heads, self.group_size, self.head_dim).transpose(0, 1)  # [KVH, B, G, D]
+        scores = torch.matmul(q, keys.transpose(-1, -2)) + meta.decode_mask  # [KVH, B, G, L]
         probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, values).view(b, self.num_heads * self.head_dim)  # [B, H*D]
+        out = torch.matmul(probs, values)  # [KVH, B, G, D]
+        return out.transpose(0, 1).reshape(b, self.num_heads * self.head_dim)
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         if meta.prefill_is_fresh:  # [1, H, n, D] against the chunk's own keys
@@ -86,8 +92,8 @@ class PagedAttention(nn.Module):
             return out[0].transpose(0, 1).reshape(q.shape[0], -1)
         p, max_q = meta.prefill_block_tables.shape[0], meta.prefill_max_q
         padded_q = q[meta.prefill_pad_index].view(p, max_q, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = gather_blocks(k_cache, meta.prefill_block_tables)  # [P, KVH, L, D]
-        values = gather_blocks(v_cache, meta.prefill_block_tables)
+        keys = gather_blocks(k_cache, meta.prefill_block_tables).transpose(0, 1)  # [P, KVH, L, D]
+        values = gather_blocks(v_cache, meta.prefill_block_tables).transpose(0, 1)
         out = F.scaled_dot_product_attention(
             padded_q, keys, values, attn_mask=meta.prefill_mask, enable_gqa=True
         )  # [P, H, max_q, D]
