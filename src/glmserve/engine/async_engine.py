@@ -1,0 +1,170 @@
+"""AsyncEngine: the engine loop on its own thread, with an asyncio-facing generate()/abort().
+
+Only the engine thread touches the LLMEngine. Callers hand it commands (add, abort) through
+a queue; it runs steps while there is work and sends each request's outputs back to that
+caller's asyncio queue with call_soon_threadsafe. So the HTTP event loop never blocks on the
+model, and any number of callers can stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.outputs import StreamOutput
+from glmserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+
+    def push(self, item: StreamOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._token_times: collections.deque[tuple[float, int]] = collections.deque()
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="glmserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any thread, usually the event loop) --------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[StreamOutput]:
+        """Yield outputs as they come. ValueError before the first output if the request is invalid.
+        Leaving the loop early (break, cancellation, client gone) aborts the request."""
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("add", request_id, prompt_token_ids, params, stream, accepted))
+        await asyncio.wrap_future(accepted)  # raises the engine's ValueError
+        finished = False
+        try:
+            while not finished:
+                item = await stream.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopping = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout_s)
+
+    def stats(self) -> dict[str, float]:
+        now = time.monotonic()
+        recent = sum(n for t, n in list(self._token_times) if now - t <= RATE_WINDOW_S)
+        return {
+            **self.engine.stats(),
+            "generation_tokens_per_s": recent / RATE_WINDOW_S,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_prompt_tokens": self.num_prompt_tokens,
+        }
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            block = not self.engine.has_unfinished
+            if not self._drain_commands(block):
+                break
+            if self.engine.has_unfinished:
+                self._step()
+        self._fail_all(EngineDeadError("the engine stopped"))
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply waiting commands (blocking for one if idle); False once asked to stop."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if command[0] == "stop":
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            if self.engine.abort(command[1]):
+                self._streams.pop(command[1], None)
+            return
+        _, request_id, prompt_token_ids, params, stream, accepted = command
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params)
+        except ValueError as error:
+            accepted.set_exception(error)
+            return
+        self._streams[request_id] = stream
+        self.num_prompt_tokens += len(prompt_token_ids)
+        accepted.set_result(None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # a model failure must not kill the loop or hang callers
+            logger.exception("engine step failed; aborting its requests")
+            for request_id in list(self._streams):
+                self.engine.abort(request_id)
+            self._fail_all(RuntimeError(f"engine step failed: {error}"))
+            return
+        num_tokens = 0
+        for out in outputs:
+            num_tokens += len(out.new_token_ids)
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.push(out)
+        self._record_tokens(num_tokens)
+
+    def _record_tokens(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        self.num_generated_tokens += num_tokens
+        self._token_times.append((now, num_tokens))
+        while self._token_times and now - self._token_times[0][0] > RATE_WINDOW_S:
+            self._token_times.popleft()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.push(error)
+        self._streams.clear()
