@@ -27,7 +27,7 @@ SUPPORTED_TYPES = frozenset({
     QType.F32, QType.F16, QType.BF16,
     QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
     QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
-})
+})  # fmt: skip
 
 # GGUF tensor names (gguf-py `TENSOR_NAMES`) -> Hugging Face Llama module names.
 TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -82,7 +82,8 @@ def open_gguf(path: Path) -> GGUFCheckpoint:
     reader = open_reader(path)
     arch = _value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        supported = ", ".join(SUPPORTED_ARCHS)
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {supported}")
     check_tensors(reader)
     return GGUFCheckpoint(path, gguf_model_config(reader), reader, is_rope_permuted=SUPPORTED_ARCHS[arch])
 
@@ -156,7 +157,7 @@ def _value(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
 def _num_tokens(reader: gguf.GGUFReader) -> int:
     tokens = reader.get_field("tokenizer.ggml.tokens")
     if tokens is None:
-        raise ValueError("GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+        raise ValueError("GGUF metadata has neither <arch>.vocab_size nor tokenizer.ggml.tokens")
     return len(tokens.data)  # one data index per string; no need to decode the strings
 
 

@@ -45,4 +45,6 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return open_hf_folder(path)
     if is_gguf_file(path):
         return open_gguf(path)
-    raise ValueError(f"unsupported model file {path}: expected a .gguf file or a Hugging Face checkpoint folder")
+    raise ValueError(
+        f"unsupported model file {path}: expected a .gguf file or a Hugging Face checkpoint folder"
+    )
