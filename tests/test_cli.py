@@ -38,6 +38,12 @@ def assert_clean(proc: subprocess.CompletedProcess) -> None:
 # ---------------------------------------------------------------- end to end, bundled model
 
 
+def test_help_lists_commands():
+    proc = run_cli("--help")
+    assert_clean(proc)
+    assert "chat" in proc.stdout and "generate" in proc.stdout
+
+
 def test_chat_answers_greedily_and_stops():
     proc = run_cli(
         "chat", "--temperature", "0", "--max-length", "256", stdin="What is the capital of France?\nstop\n"
@@ -143,7 +149,7 @@ def test_generate_with_only_bad_lines_needs_no_model():
 class WordTokenizer:
     """One token per word; a chat message costs its words plus 2 (role and end markers)."""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, **options: bool) -> list[int]:
         return [1] * len(text.split())
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -240,6 +246,7 @@ def test_run_batch_is_one_call_per_kind_and_clamps_to_context():
         '{"messages": [{"role": "user", "content": "hi"}]}',
         '{"prompt": "' + "w " * 20 + '"}',
         '{"prompt": "d e", "max_tokens": 3}',
+        '{"prompt": ""}',
     ]
     items = read_items(lines, {})
     llm = StubLLM(max_model_len=20)
@@ -249,4 +256,5 @@ def test_run_batch_is_one_call_per_kind_and_clamps_to_context():
     assert [len(p["prompt_token_ids"]) for p in prompts] == [3, 2]
     assert [p.max_tokens for p in params] == [17, 3]  # 50 clamped to the 17 tokens left
     assert items[2].error == "prompt too long: 20 tokens, the context limit is 20"
+    assert items[4].error == "the prompt is empty"
     assert [item.result["index"] for item in items if item.result] == [0, 1, 3]

@@ -86,6 +86,14 @@ BANNER = (
 )
 
 
+def enable_line_editing() -> None:
+    """Arrow keys and history for input(); also makes it print its prompt on stdout, not stderr."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # not on Windows
+        pass
+
+
 @dataclass
 class ChatSession:
     """A terminal conversation. The history is a list of user/assistant message pairs."""
@@ -97,10 +105,8 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)
 
     def run(self) -> None:
-        try:
-            import readline  # noqa: F401  line editing and history for input(), where available
-        except ImportError:
-            pass
+        if sys.stdin.isatty():
+            enable_line_editing()
         print(BANNER)
         while (query := self.read_query()) is not None and query != "stop":
             if query == "clear":
@@ -282,18 +288,23 @@ def read_items(lines: list[str], defaults: dict) -> list[BatchItem]:
 
 
 def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[int] | None:
-    """The prompt's token ids; sets item.error when the prompt leaves no room for an answer."""
+    """The prompt's token ids; sets item.error for what the engine would refuse (it rejects
+    a whole batch for one bad request), and clamps max_tokens to the room left."""
     try:
         if item.is_chat:
             prompt_ids = tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True)
         else:
-            prompt_ids = tokenizer.encode(item.prompt)
+            # As llm.generate(text) does: special-token strings in a raw prompt are recognised.
+            prompt_ids = tokenizer.encode(item.prompt, add_special_tokens=True, parse_special=True)
     except Exception as e:  # a malformed conversation fails its own line, never the batch
         item.error = f"cannot build the prompt: {e}"
         return None
     room = max_model_len - len(prompt_ids)
-    if room < 1:
+    if not prompt_ids:
+        item.error = "the prompt is empty"
+    elif room < 1:
         item.error = f"prompt too long: {len(prompt_ids)} tokens, the context limit is {max_model_len}"
+    if item.error:
         return None
     if item.params.max_tokens is None or item.params.max_tokens > room:
         item.params = replace(item.params, max_tokens=room)  # finishes with "length" at the context limit
@@ -303,10 +314,11 @@ def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[
 def run_batch(llm: Any, items: list[BatchItem]) -> None:
     """Run every runnable item: at most one batched llm.generate and one llm.chat call."""
     tokenizer = llm.get_tokenizer()
-    prompt_ids = {
-        item.index: fit_to_context(item, tokenizer, llm.max_model_len) for item in items if not item.error
-    }
-    runnable = [item for item in items if not item.error]
+    prompt_ids: dict[int, list[int] | None] = {}
+    for item in items:
+        if not item.error:
+            prompt_ids[item.index] = fit_to_context(item, tokenizer, llm.max_model_len)
+    runnable = [item for item in items if not item.error]  # fit_to_context may have set errors
     texts = [item for item in runnable if not item.is_chat]
     chats = [item for item in runnable if item.is_chat]
     if texts:

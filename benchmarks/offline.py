@@ -1,0 +1,111 @@
+"""Offline generation on the bundled model: glmserve vs transformers `generate`, same dtype, same run.
+
+    .venv/bin/python benchmarks/offline.py [--dtype bfloat16] [--new-tokens 128] [--runs 3]
+
+Measures single-stream decode tok/s (after the first token) and the throughput of 16 prompts
+in one call (generated tokens / wall time, prefill included). Prints a table with ratios and
+writes benchmarks/results/offline.json. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+from common import median_of, print_table, save_json
+
+from glmserve import LLM, SamplingParams
+from glmserve.model_path import find_bundled_model
+
+TOPICS = [
+    "the history of the printing press", "how vaccines train the immune system", "why the sky is blue",
+    "the rules of chess", "how a bicycle stays upright", "the water cycle", "how compilers work",
+    "the life of honeybees", "photosynthesis", "the French revolution", "black holes", "how to bake bread",
+    "plate tectonics", "the invention of the telephone", "how neural networks learn", "the Silk Road",
+]
+
+
+def chat_prompts(llm: LLM) -> list[list[int]]:
+    tok = llm.get_tokenizer()
+    return [tok.apply_chat_template([{"role": "user", "content": f"Explain {t} in detail."}]) for t in TOPICS]
+
+
+def ours_single(llm: LLM, prompt: list[int], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    times = [time.perf_counter() for _ in llm.stream(prompt, params)]
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def ours_batch(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> float:
+    """Left-padded batch generate; returns seconds."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=pad_id,
+        )
+    return time.perf_counter() - start
+
+
+def hf_single(model, prompt, new_tokens, pad_id) -> float:
+    first = hf_generate(model, [prompt], 1, pad_id)
+    full = hf_generate(model, [prompt], new_tokens, pad_id)
+    return (new_tokens - 1) / (full - first)
+
+
+def hf_batch(model, prompts, new_tokens, pad_id) -> float:
+    return len(prompts) * new_tokens / hf_generate(model, prompts, new_tokens, pad_id)
+
+
+def load_transformers(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    path = find_bundled_model()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    n, runs = args.new_tokens, args.runs
+
+    llm = LLM(dtype=args.dtype, kv_cache_memory=512 * 2**20)
+    prompts = chat_prompts(llm)
+    ours_batch(llm, prompts[:4], 8)  # warm-up: allocator, caches
+    ours = {"single": median_of(runs, lambda: ours_single(llm, prompts[0], n)),
+            "batch16": median_of(runs, lambda: ours_batch(llm, prompts, n))}
+    del llm
+    gc.collect()
+
+    model = load_transformers(getattr(torch, args.dtype))
+    hf_generate(model, prompts[:2], 4, 2)  # warm-up
+    peer = {"single": median_of(runs, lambda: hf_single(model, prompts[0], n, 2)),
+            "batch16": median_of(runs, lambda: hf_batch(model, prompts, n, 2))}
+
+    rows = [
+        ["single-stream decode (tok/s)", f"{ours['single']:.1f}", f"{peer['single']:.1f}", f"{ours['single'] / peer['single']:.2f}x"],
+        ["16 prompts, one call (tok/s)", f"{ours['batch16']:.1f}", f"{peer['batch16']:.1f}", f"{ours['batch16'] / peer['batch16']:.2f}x"],
+    ]
+    print_table(f"Offline generation, SmolLM2-135M-Instruct, {args.dtype}, {n} new tokens, median of {runs}",
+                ["measure", "glmserve", "transformers", "ratio"], rows)
+    path = save_json("offline", {"dtype": args.dtype, "new_tokens": n, "runs": runs, "glmserve": ours, "transformers": peer})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
