@@ -36,6 +36,8 @@ class EngineConfig:
     """How the engine runs a model. Declared once; derived values live elsewhere."""
 
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # None: as the checkpoint says (a GGUF's Q4_0/Q4_1/Q4_K weights stay 4-bit); "none": all float
+    quantization: str | None = None
     device: str = "cpu"
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     max_num_seqs: int = 64

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from gguf import GGUFReader, TokenType
+from gguf import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from glmserve.chat.template import render_chat, render_segments, special_pattern
+from glmserve.gguf_file import open_gguf_reader
+from glmserve.glm_tokenizers import is_glm_tokenizer_folder, load_glm_tokenizer
 
 # Special tokens that end a chat turn in common templates; they stop generation when present.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -134,11 +136,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf_tokenizer(path)
     if path.is_dir():
-        for filename, load in FOLDER_LOADERS:
-            if (path / filename).is_file():
+        for marker, load in FOLDER_LOADERS:
+            if marker(path) if callable(marker) else (path / marker).is_file():
                 return load(path)
         found = sorted(p.name for p in path.iterdir())
-        wanted = [name for name, _ in FOLDER_LOADERS]
+        wanted = [marker.__doc__ if callable(marker) else marker for marker, _ in FOLDER_LOADERS]
         raise ValueError(f"no supported tokenizer in {path}: it holds {found}, expected one of {wanted}")
     raise ValueError(f"cannot load a tokenizer from {path}: expected a .gguf file or a model folder")
 
@@ -200,9 +202,13 @@ def _hf_chat_template(folder: Path, config: dict) -> str | None:
     return template
 
 
-# What a model folder holds -> how to read its tokenizer; the first match wins. Formats with
-# their own files (ChatGLM's SentencePiece tokenizer.model, GLM-4's tiktoken file) go in front.
-FOLDER_LOADERS: list[tuple[str, Callable[[Path], Tokenizer]]] = [("tokenizer.json", load_hf_tokenizer)]
+# What a model folder holds (a file name, or a test of the folder) -> how to read its tokenizer;
+# the first match wins. Formats with their own files (ChatGLM's SentencePiece tokenizer.model,
+# GLM-4's tiktoken file) go in front.
+FOLDER_LOADERS: list[tuple[str | Callable[[Path], bool], Callable[[Path], Tokenizer]]] = [
+    (is_glm_tokenizer_folder, load_glm_tokenizer),
+    ("tokenizer.json", load_hf_tokenizer),
+]
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -234,7 +240,7 @@ def load_gguf_tokenizer(path: Path) -> Tokenizer:
 
 
 def _read_gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
-    fields = GGUFReader(path).fields
+    fields = open_gguf_reader(path).fields
     return {key: field.contents() for key, field in fields.items() if key.startswith("tokenizer.")}
 
 

@@ -16,6 +16,9 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from glmserve.config import ModelConfig
+from glmserve.engine.gguf_int4 import INT4_TYPES, read_int4
+from glmserve.engine.layers.quant import Int4Weight
+from glmserve.gguf_file import open_gguf_reader
 
 GGUF_MAGIC = b"GGUF"
 
@@ -54,13 +57,17 @@ class GGUFCheckpoint:
     is_rope_permuted: bool = False
     format: str = "gguf"
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, tensor in `dtype`), one tensor at a time, in file order."""
+    def iter_tensors(self, dtype: torch.dtype, keep_int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+        """(Hugging Face name, tensor in `dtype`), one tensor at a time, in file order.
+        With keep_int4, 2-D Q4_0 / Q4_1 / Q4_K weights come as exact Int4Weight instead."""
         for tensor in self.reader.tensors:
-            weights = dequantize_tensor(tensor).to(dtype)
+            if keep_int4 and tensor.tensor_type in INT4_TYPES and len(tensor.shape) == 2:
+                weights = read_int4(tensor)
+            else:
+                weights = dequantize_tensor(tensor).to(dtype)
             num_heads = self._permuted_heads(tensor.name)
             if num_heads is not None:
-                weights = unpermute_rope_rows(weights, num_heads)
+                weights = _unpermute(weights, num_heads)
             yield hf_tensor_name(tensor.name), weights
 
     def _permuted_heads(self, gguf_name: str) -> int | None:
@@ -98,7 +105,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 def open_reader(path: Path) -> gguf.GGUFReader:
     if not is_gguf_file(path):
         raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf_reader(path)
     if reader.byte_order != "I":
         raise ValueError(f"{path}: GGUF files in the other byte order than this machine's are not supported")
     return reader
@@ -192,6 +199,12 @@ def dequantize_tensor(tensor: gguf.ReaderTensor) -> torch.Tensor:
     if not array.flags.writeable:
         array = array.copy()  # F32 comes back as a view of the read-only memmap
     return torch.from_numpy(array)
+
+
+def _unpermute(weights: torch.Tensor | Int4Weight, num_heads: int) -> torch.Tensor | Int4Weight:
+    if isinstance(weights, Int4Weight):
+        return weights.map_rows(lambda rows: unpermute_rope_rows(rows, num_heads))
+    return unpermute_rope_rows(weights, num_heads)
 
 
 def unpermute_rope_rows(weights: torch.Tensor, num_heads: int) -> torch.Tensor:

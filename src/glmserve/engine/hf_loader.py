@@ -48,8 +48,9 @@ class HFCheckpoint:
     format: str  # "safetensors" | "bin"
     weight_files: tuple[Path, ...]
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name, tensor), float tensors in `dtype`, one shard and one tensor at a time."""
+    def iter_tensors(self, dtype: torch.dtype, keep_int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor), float tensors in `dtype`, one shard and one tensor at a time.
+        (`keep_int4` concerns 4-bit GGUF blocks; these checkpoints hold float tensors.)"""
         read = read_safetensors if self.format == "safetensors" else read_bin
         for file in self.weight_files:
             for name, tensor in read(file):

@@ -10,6 +10,7 @@ import torch
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
 from glmserve.engine.layers.attention import AttentionMetadata
+from glmserve.engine.layers.linear import Linear
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
@@ -46,11 +47,25 @@ class ModelRunner:
             torch.set_num_threads(engine_config.num_threads or num_physical_cores())
         self.eos_token_ids = list(eos_token_ids)  # banned before min_tokens
         self.model = build_model(model_config, self.dtype, self.device)
-        load_weights(self.model, checkpoint.iter_tensors(self.dtype))
+        if engine_config.quantization not in (None, "none"):
+            raise ValueError(f"quantization must be none or unset; got {engine_config.quantization!r}")
+        keep_int4 = engine_config.quantization is None
+        if keep_int4:
+            self._plan_dense_copies()
+        load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_int4=keep_int4))
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_zeroed_blocks = 0
         self.generators: dict[str, torch.Generator] = {}
+
+    def _plan_dense_copies(self) -> None:
+        """4-bit layers also keep a dense weight for batched steps when all dense weights would
+        take under a quarter of free memory (a small model); big models stay 4-bit only."""
+        dense_bytes = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
+        keep = dense_bytes < available_memory_bytes(self.device) / 4
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.keep_dense_copy = keep
 
     # -- KV pool ------------------------------------------------------------------------------
     @property
@@ -197,11 +212,13 @@ class ModelRunner:
         if decode:
             seqs = [batch.seqs[i] for i in decode]
             meta.decode_block_tables = self._block_tables(seqs)
-            context_lens = torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=self.device)
-            key_index = torch.arange(meta.decode_block_tables.shape[1] * self.block_size, device=self.device)
-            visible = key_index[None, :] < context_lens[:, None]  # [B, L]
-            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-            meta.decode_mask = mask[None, :, None, :]  # [1, B, 1, L]
+            lens = [s.num_computed_tokens + 1 for s in seqs]
+            num_keys = meta.decode_block_tables.shape[1] * self.block_size
+            if min(lens) < num_keys:  # some keys are padding past a context's end
+                key_index = torch.arange(num_keys, device=self.device)
+                visible = key_index[None, :] < torch.tensor(lens, device=self.device)[:, None]  # [B, L]
+                mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+                meta.decode_mask = mask.masked_fill_(~visible, float("-inf"))[None, :, None, :]  # [1, B, 1, L]
         if prefill:
             self._prefill_metadata(meta, [batch.seqs[i] for i in prefill], [batch.num_new_tokens[i] for i in prefill])
         return meta

@@ -24,7 +24,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [B, max_blocks]
-    decode_mask: torch.Tensor | None  # [1, B, 1, L] additive: 0 where key index < context length, -inf after
+    # [1, B, 1, L] additive: 0 where key index < context length, -inf after; None if nothing to mask
+    decode_mask: torch.Tensor | None
     prefill_block_tables: torch.Tensor | None  # [P, max_blocks]
     prefill_mask: torch.Tensor | None  # [P, 1, max_q, L] bool: key position <= query position
     prefill_pad_index: torch.Tensor | None  # [P * max_q] row of the prefill tokens for each padded query
@@ -75,8 +76,10 @@ class PagedAttention(nn.Module):
         keys = gather_blocks(k_cache, meta.decode_block_tables)  # [KVH, B, L, D]
         values = gather_blocks(v_cache, meta.decode_block_tables)
         q = (q * self.scale).view(b, self.num_kv_heads, self.group_size, self.head_dim).transpose(0, 1)  # [KVH, B, G, D]
-        scores = torch.matmul(q, keys.transpose(-1, -2)) + meta.decode_mask  # [KVH, B, G, L]
-        probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+        scores = torch.matmul(q, keys.transpose(-1, -2))  # [KVH, B, G, L]
+        if meta.decode_mask is not None:
+            scores = scores + meta.decode_mask
+        probs = torch.softmax(scores, -1)  # the CPU kernel accumulates 16-bit inputs in float32
         out = torch.matmul(probs, values)  # [KVH, B, G, D]
         return out.transpose(0, 1).reshape(b, self.num_heads * self.head_dim)
 

@@ -9,10 +9,17 @@ import torch
 from torch import nn
 
 from glmserve.config import ModelConfig
+from glmserve.engine.layers.linear import Linear
+from glmserve.engine.layers.quant import Int4Weight
 from glmserve.engine.layers.rotary import RotaryEmbedding
+from glmserve.engine.models.glm import ChatGLMForCausalLM, GlmForCausalLM
 from glmserve.engine.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "chatglm": ChatGLMForCausalLM,  # THUDM's ChatGLM2/3 and GLM-4 files
+    "glm": GlmForCausalLM,  # the same architecture in transformers' layout
+}
 
 
 def model_class(config: ModelConfig) -> type[nn.Module]:
@@ -35,50 +42,58 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     return model.eval()
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model; every parameter must be loaded exactly once."""
-    params = dict(model.named_parameters())
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | Int4Weight]]) -> None:
+    """Copy checkpoint tensors into the model; every parameter must be loaded exactly once.
+    Linear layers take their tensors through load_shard (merged projections, 4-bit weights)."""
+    expected = _expected_keys(model)
+    loaded: set[tuple[str, str, int]] = set()
     packed = getattr(model, "packed_modules", {})
-    loaded: set[str] = set()
     for name, tensor in tensors:
-        target = _packed_target(name, packed)
-        if target is not None:
-            module_path, shard, param_name = target
-            model.get_submodule(module_path).load_shard(param_name, tensor, shard)
-            loaded.add(f"{module_path}.{param_name}#{shard}")
-            continue
-        if name not in params:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(params[name].shape)}")
-        params[name].data.copy_(tensor)
-        loaded.add(name)
-    _check_all_loaded(model, params, packed, loaded)
+        module_path, param_name, shard = _target(name, packed)
+        module = _submodule(model, module_path, name)
+        if isinstance(module, Linear):
+            module.load_shard(param_name, tensor, shard)
+        else:
+            _copy_param(module, param_name, tensor, name)
+        loaded.add((module_path, param_name, shard))
+    missing = sorted(expected - loaded)
+    if missing:
+        examples = [f"{m}.{p}" + (f" (part {s})" if s else "") for m, p, s in missing[:3]]
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {examples}")
 
 
-def _packed_target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int, str] | None:
-    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj', 0, 'weight')."""
+def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, str, int]:
+    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj', 'weight', 0)."""
     module_path, _, param_name = name.rpartition(".")
     prefix, _, leaf = module_path.rpartition(".")
-    if leaf not in packed:
-        return None
-    merged, shard = packed[leaf]
-    return f"{prefix}.{merged}", shard, param_name
+    if leaf in packed:
+        merged, shard = packed[leaf]
+        return f"{prefix}.{merged}", param_name, shard
+    return module_path, param_name, 0
 
 
-def _check_all_loaded(model, params, packed, loaded: set[str]) -> None:
-    shards_per_merged: dict[str, int] = {}
-    for merged, shard in packed.values():
-        shards_per_merged[merged] = max(shards_per_merged.get(merged, 0), shard + 1)
-    missing = []
-    for name in params:
-        module_path, _, param_name = name.rpartition(".")
-        leaf = module_path.rpartition(".")[2]
-        if leaf in shards_per_merged:
-            need = {f"{module_path}.{param_name}#{s}" for s in range(shards_per_merged[leaf])}
-            if not need <= loaded:
-                missing.append(name)
-        elif name not in loaded:
-            missing.append(name)
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+def _submodule(model: nn.Module, module_path: str, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(module_path)
+    except AttributeError:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}") from None
+
+
+def _copy_param(module: nn.Module, param_name: str, tensor, name: str) -> None:
+    if isinstance(tensor, Int4Weight):
+        tensor = tensor.dequantize()  # 4-bit storage only pays off in linear layers
+    param = getattr(module, param_name, None)
+    if not isinstance(param, torch.Tensor):
+        raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+    if param.shape != tensor.shape:
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+def _expected_keys(model: nn.Module) -> set[tuple[str, str, int]]:
+    expected = set()
+    for module_path, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            shards = len(module.output_sizes) if isinstance(module, Linear) else 1
+            expected |= {(module_path, param_name, s) for s in range(shards)}
+    return expected

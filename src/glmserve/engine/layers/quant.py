@@ -1,0 +1,78 @@
+"""Weight-only 4-bit weights and the packed matmul they run on.
+
+Int4Weight is group-wise asymmetric: w[n, k] = q[n, k] * scale[n, g] + minimum[n, g] with
+g = k // group_size and q in 0..15. GGUF's Q4_0 (minimum = -8 * scale), Q4_1 and Q4_K blocks are
+exactly this form with group size 32, so a 4-bit GGUF keeps its weights bit for bit.
+
+On CPU the weights run on `aten._weight_int4pack_mm_for_cpu`, which computes
+w = (q - 8) * scale + zero, hence zero = minimum + 8 * scale. For one token it reads ~4x fewer
+bytes than bf16 and is 3-5x faster on this machine (PERF-NOTES); other devices dequantize once
+at load for now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Int4Weight:
+    q: torch.Tensor  # [N, K] uint8 in 0..15
+    scale: torch.Tensor  # [N, K // group_size] float32
+    minimum: torch.Tensor  # [N, K // group_size] float32
+    group_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        groups = self.q.view(n, k // self.group_size, self.group_size).float()
+        return (groups * self.scale[..., None] + self.minimum[..., None]).view(n, k)
+
+    def map_rows(self, fn) -> Int4Weight:
+        """Apply the same row reordering (e.g. undoing a RoPE permutation) to every part."""
+        return Int4Weight(fn(self.q), fn(self.scale), fn(self.minimum), self.group_size)
+
+    @staticmethod
+    def concat(parts: list[Int4Weight]) -> Int4Weight:
+        sizes = {p.group_size for p in parts}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot merge 4-bit shards with group sizes {sorted(sizes)}")
+        return Int4Weight(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.minimum for p in parts]),
+            parts[0].group_size,
+        )
+
+
+def can_pack_int4(weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> bool:
+    """The CPU kernel wants bf16 activations (with fp32 ones it is ~10x slower than a dense GEMM)."""
+    n, k = weight.shape
+    shapes_ok = k % weight.group_size == 0 and n % 16 == 0 and k % 32 == 0
+    return device.type == "cpu" and dtype == torch.bfloat16 and shapes_ok
+
+
+@dataclass
+class PackedInt4:
+    packed: torch.Tensor  # kernel layout, [N, K // 2] uint8
+    scales_and_zeros: torch.Tensor  # [K // group_size, N, 2] in the activation dtype
+    group_size: int
+    out_features: int
+
+    @staticmethod
+    def from_weight(weight: Int4Weight, dtype: torch.dtype) -> PackedInt4:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+        zero = weight.minimum + 8 * weight.scale
+        scales_and_zeros = torch.stack([weight.scale.t(), zero.t()], -1).contiguous().to(dtype)
+        return PackedInt4(packed, scales_and_zeros, weight.group_size, weight.shape[0])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N]."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        return out.view(*x.shape[:-1], self.out_features)
