@@ -39,6 +39,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, StreamOutput]]) -> None:
+    for outputs, out in items:
+        outputs.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -147,6 +152,7 @@ class AsyncEngine:
             self._fail_all(RuntimeError(f"engine step failed: {error}"))
             return
         num_tokens = 0
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             num_tokens += len(out.new_token_ids)
             stream = self._streams.get(out.request_id)
@@ -154,7 +160,11 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            stream.push(out)
+            deliveries.setdefault(stream.loop, []).append((stream.outputs, out))
+        # One wake-up of each event loop per step, not one per stream: the loop's thread then
+        # takes a core from the 2 torch threads once per step (oversubscription is costly here).
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
         self._record_tokens(num_tokens)
 
     def _record_tokens(self, num_tokens: int) -> None:
