@@ -36,8 +36,10 @@ class EngineConfig:
     """How the engine runs a model. Declared once; derived values live elsewhere."""
 
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    # None: as the checkpoint says (a GGUF's Q4_0/Q4_1/Q4_K weights stay 4-bit); "none": all float
+    # Weight-only quantization of linear layers. None: as the checkpoint is (a GGUF's Q4_0/Q4_1/Q4_K
+    # weights stay 4-bit, exactly); "none": all float; "int8": per-channel; "int4": group-wise.
     quantization: str | None = None
+    quantization_group_size: int = 64  # int4 group size when quantizing float weights (divides 576, 4096, 13696)
     device: str = "cpu"
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     max_num_seqs: int = 64

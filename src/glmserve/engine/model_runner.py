@@ -11,6 +11,7 @@ from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
 from glmserve.engine.layers.attention import AttentionMetadata
 from glmserve.engine.layers.linear import Linear
+from glmserve.engine.layers.quant import supports_weight_only_kernels
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
@@ -47,25 +48,39 @@ class ModelRunner:
             torch.set_num_threads(engine_config.num_threads or num_physical_cores())
         self.eos_token_ids = list(eos_token_ids)  # banned before min_tokens
         self.model = build_model(model_config, self.dtype, self.device)
-        if engine_config.quantization not in (None, "none"):
-            raise ValueError(f"quantization must be none or unset; got {engine_config.quantization!r}")
-        keep_int4 = engine_config.quantization is None
-        if keep_int4:
-            self._plan_dense_copies()
+        self._plan_quantization(engine_config.quantization, engine_config.quantization_group_size)
+        keep_int4 = engine_config.quantization in (None, "int4")  # a GGUF's 4-bit blocks, exactly
         load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_int4=keep_int4))
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_zeroed_blocks = 0
         self.generators: dict[str, torch.Generator] = {}
 
-    def _plan_dense_copies(self) -> None:
-        """4-bit layers also keep a dense weight for batched steps when all dense weights would
-        take under a quarter of free memory (a small model); big models stay 4-bit only."""
+    def _plan_quantization(self, quantization: str | None, group_size: int) -> None:
+        """Tell each linear layer how to store its weight before the weights arrive.
+
+        Embeddings stay in the compute dtype (a lookup reads one row per token, nothing to gain);
+        the output layer is int8 under int8 and int4 (per-channel int8 keeps logits close, and it
+        is the largest matrix); the other linear layers take the chosen scheme. With no choice,
+        a GGUF's 4-bit layers also keep a dense copy for batched steps when all dense weights take
+        under a quarter of free memory (a small model).
+        """
+        if quantization not in (None, "none", "int8", "int4"):
+            raise ValueError(f"quantization must be none, int8 or int4; got {quantization!r}")
+        if quantization in ("int8", "int4") and not supports_weight_only_kernels(self.device, self.dtype):
+            raise ValueError(
+                f"--quantization {quantization} runs on CPU with bfloat16 activations for now "
+                f"(got device {self.device.type}, dtype {str(self.dtype).removeprefix('torch.')})"
+            )
         dense_bytes = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
-        keep = dense_bytes < available_memory_bytes(self.device) / 4
+        keep_dense = quantization is None and dense_bytes < available_memory_bytes(self.device) / 4
+        vocab_size = self.model_config.vocab_size
         for module in self.model.modules():
             if isinstance(module, Linear):
-                module.keep_dense_copy = keep
+                is_head = module.out_features == vocab_size
+                module.quantization = ("int8" if is_head else quantization) if quantization in ("int8", "int4") else None
+                module.group_size = group_size
+                module.keep_dense_copy = keep_dense
 
     # -- KV pool ------------------------------------------------------------------------------
     @property

@@ -38,6 +38,18 @@ class Int4Weight:
         return Int4Weight(fn(self.q), fn(self.scale), fn(self.minimum), self.group_size)
 
     @staticmethod
+    def quantize(weight: torch.Tensor, group_size: int) -> Int4Weight:
+        """Asymmetric min/max rounding per group of `group_size` input columns."""
+        n, k = weight.shape
+        if k % group_size:
+            raise ValueError(f"in_features {k} is not a multiple of the int4 group size {group_size}")
+        groups = weight.float().view(n, k // group_size, group_size)
+        minimum, maximum = groups.amin(-1), groups.amax(-1)
+        scale = ((maximum - minimum) / 15).clamp(min=1e-8)
+        q = ((groups - minimum[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return Int4Weight(q.view(n, k), scale, minimum, group_size)
+
+    @staticmethod
     def concat(parts: list[Int4Weight]) -> Int4Weight:
         sizes = {p.group_size for p in parts}
         if len(sizes) != 1:
@@ -50,11 +62,71 @@ class Int4Weight:
         )
 
 
+@dataclass
+class Int8Weight:
+    """Per-output-channel symmetric int8: w[n, k] = q[n, k] * scale[n]."""
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> Int8Weight:
+        weight = weight.float()
+        scale = (weight.abs().amax(-1) / 127).clamp(min=1e-8)
+        return Int8Weight((weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale)
+
+    @staticmethod
+    def concat(parts: list[Int8Weight]) -> Int8Weight:
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+@dataclass
+class PackedInt8:
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] in the activation dtype
+
+    @staticmethod
+    def from_weight(weight: Int8Weight, dtype: torch.dtype) -> PackedInt8:
+        return PackedInt8(weight.q.contiguous(), weight.scale.to(dtype))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+        return out.view(*x.shape[:-1], self.q.shape[0])
+
+
+QuantWeight = Int4Weight | Int8Weight
+
+
+def supports_weight_only_kernels(device: torch.device, dtype: torch.dtype) -> bool:
+    """The packed CPU kernels want bf16 activations (with fp32 ones they are ~10x slower than a
+    dense GEMM); other devices are not wired yet and dequantize at load."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def pack(weight: QuantWeight, dtype: torch.dtype) -> PackedInt4 | PackedInt8:
+    if isinstance(weight, Int4Weight):
+        return PackedInt4.from_weight(weight, dtype)
+    return PackedInt8.from_weight(weight, dtype)
+
+
+def can_pack(weight: QuantWeight, device: torch.device, dtype: torch.dtype) -> bool:
+    if isinstance(weight, Int8Weight):
+        return supports_weight_only_kernels(device, dtype)
+    return can_pack_int4(weight, device, dtype)
+
+
 def can_pack_int4(weight: Int4Weight, device: torch.device, dtype: torch.dtype) -> bool:
-    """The CPU kernel wants bf16 activations (with fp32 ones it is ~10x slower than a dense GEMM)."""
     n, k = weight.shape
     shapes_ok = k % weight.group_size == 0 and n % 16 == 0 and k % 32 == 0
-    return device.type == "cpu" and dtype == torch.bfloat16 and shapes_ok
+    return supports_weight_only_kernels(device, dtype) and shapes_ok
 
 
 @dataclass
