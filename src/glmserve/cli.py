@@ -51,6 +51,22 @@ MaxModelLenOption = Annotated[
 ]
 
 
+class Quantization(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
+QuantizationOption = Annotated[
+    Quantization | None,
+    typer.Option(
+        help="Weight-only quantization of linear layers (CPU, bf16) [default: as in the checkpoint; "
+        "a GGUF's 4-bit weights stay 4-bit]",
+        show_default=False,
+    ),
+]
+
+
 def fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
@@ -63,7 +79,7 @@ def make_params(**kwargs: Any) -> SamplingParams:
         fail(str(e))
 
 
-def load_llm(model: str | None, dtype: Dtype, max_model_len: int | None) -> Any:
+def load_llm(model: str | None, dtype: Dtype, max_model_len: int | None, quantization: Quantization | None = None) -> Any:
     try:
         path = resolve_model_path(model)
     except ModelNotFoundError as e:
@@ -71,7 +87,8 @@ def load_llm(model: str | None, dtype: Dtype, max_model_len: int | None) -> Any:
     from glmserve import LLM  # imports torch: only once a model is really needed
 
     try:
-        return LLM(model=str(path), dtype=dtype.value, max_model_len=max_model_len)
+        quant = quantization.value if quantization else None
+        return LLM(model=str(path), dtype=dtype.value, max_model_len=max_model_len, quantization=quant)
     except (ValueError, OSError, NotImplementedError) as e:
         fail(f"cannot load {path}: {e}")
 
@@ -177,6 +194,7 @@ def chat(
     model: ModelOption = None,
     dtype: DtypeOption = Dtype.auto,
     max_model_len: MaxModelLenOption = None,
+    quantization: QuantizationOption = None,
     system: Annotated[str | None, typer.Option(help="System prompt for the whole conversation")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass")] = 0.8,
@@ -189,7 +207,7 @@ def chat(
     When the conversation outgrows --max-length, the oldest turns are dropped.
     """
     params = make_params(temperature=temperature, top_p=top_p)
-    llm = load_llm(model, dtype, max_model_len)
+    llm = load_llm(model, dtype, max_model_len, quantization)
     ChatSession(llm, params, max_length, system).run()
 
 
@@ -358,6 +376,7 @@ def generate(
     model: ModelOption = None,
     dtype: DtypeOption = Dtype.auto,
     max_model_len: MaxModelLenOption = None,
+    quantization: QuantizationOption = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Default 256", show_default=False)] = None,
     temperature: Annotated[
         float | None, typer.Option(help="Default 1.0; 0 is greedy", show_default=False)
@@ -377,7 +396,7 @@ def generate(
     items = read_items(read_lines(input_path), defaults)
     sink = open_stream(output_path, "w")
     if any(not item.error for item in items):
-        llm = load_llm(model, dtype, max_model_len)
+        llm = load_llm(model, dtype, max_model_len, quantization)
         try:
             run_batch(llm, items)
         except ValueError as e:  # the engine refused the batch: nothing was written yet
@@ -396,6 +415,41 @@ def write_results(items: list[BatchItem], sink: TextIO) -> None:
     sink.flush()
     num_failed = sum(1 for item in items if item.error)
     typer.echo(f"{len(items) - num_failed} ok, {num_failed} failed", err=True)
+
+
+# ---------------------------------------------------------------- estimate
+
+
+@app.command()
+def estimate(
+    model: ModelOption = None,
+    dtype: DtypeOption = Dtype.auto,
+    max_model_len: MaxModelLenOption = None,
+    quantization: QuantizationOption = None,
+    max_num_seqs: Annotated[int, typer.Option(min=1, help="Concurrent sequences the KV cache serves")] = 64,
+) -> None:
+    """Memory for weights and KV cache, from the checkpoint's config alone (no weights loaded)."""
+    try:
+        path = resolve_model_path(model)
+    except ModelNotFoundError as e:
+        fail(str(e))
+    from glmserve.config import EngineConfig
+    from glmserve.engine.llm_engine import resolve_max_model_len
+    from glmserve.engine.loader import open_checkpoint
+    from glmserve.engine.memory import estimate_memory
+
+    config = EngineConfig(
+        dtype=dtype.value, quantization=quantization.value if quantization else None, max_num_seqs=max_num_seqs
+    )
+    try:
+        checkpoint = open_checkpoint(path)
+        limit = resolve_max_model_len(checkpoint.config, max_model_len)
+        result = estimate_memory(checkpoint, config, limit)
+    except (ValueError, OSError) as e:
+        fail(f"cannot read {path}: {e}")
+    typer.echo(f"model: {path}")
+    for line in result.lines():
+        typer.echo(line)
 
 
 def main() -> None:

@@ -5,12 +5,17 @@ Token ids in, token ids (and their incremental text) out; roles and chat formats
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import torch
+
 from glmserve.chat.detokenize import IncrementalDetokenizer
-from glmserve.config import EngineConfig
+from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.block_manager import BlockManager
+from glmserve.engine.device import available_memory_bytes
 from glmserve.engine.loader import open_checkpoint
+from glmserve.engine.memory import estimate_memory
 from glmserve.engine.model_runner import ModelRunner, StepResult
 from glmserve.engine.outputs import StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
@@ -18,7 +23,17 @@ from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.sequence import Sequence
 from glmserve.tokenizer import Tokenizer, load_tokenizer
 
+logger = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 8192  # cap when the checkpoint allows more and none was asked for
+
+
+def resolve_max_model_len(model_config: ModelConfig, requested: int | None) -> int:
+    model_limit = model_config.max_position_embeddings
+    if requested is None:
+        return min(model_limit, DEFAULT_MAX_MODEL_LEN)
+    if requested > model_limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's context of {model_limit}")
+    return requested
 
 
 class LLMEngine:
@@ -27,23 +42,34 @@ class LLMEngine:
         checkpoint = open_checkpoint(Path(model_path))
         self.model_config = checkpoint.config
         self.tokenizer = tokenizer or load_tokenizer(model_path)
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = resolve_max_model_len(self.model_config, self.config.max_model_len)
+        self.memory = estimate_memory(checkpoint, self.config, self.max_model_len)
+        self._check_weights_fit()
         self.stop_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.stop_token_ids)
         self.runner = ModelRunner(self.model_config, self.config, checkpoint, sorted(self.stop_token_ids))
         num_blocks = self.runner.num_kv_blocks_for_budget(self.config.max_num_seqs * self.max_model_len)
+        if num_blocks == 0:
+            raise ValueError(f"the KV cache budget of {self.config.kv_cache_memory} holds no block; raise kv_cache_memory")
+        if num_blocks * self.config.block_size < self.max_model_len:  # longer requests are refused at admission
+            logger.warning(
+                "the KV cache holds %d tokens, less than one %d-token sequence", num_blocks * self.config.block_size, self.max_model_len
+            )
         self.runner.allocate_kv_cache(num_blocks)
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
 
-    def _max_model_len(self) -> int:
-        model_limit = self.model_config.max_position_embeddings
-        if self.config.max_model_len is None:
-            return min(model_limit, DEFAULT_MAX_MODEL_LEN)
-        if self.config.max_model_len > model_limit:
-            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context of {model_limit}")
-        return self.config.max_model_len
+    def _check_weights_fit(self) -> None:
+        for line in self.memory.lines():
+            logger.info("%s", line)
+        free = available_memory_bytes(torch.device(self.config.device))
+        if self.memory.weights_bytes > free:
+            raise ValueError(
+                f"the weights need {self.memory.weights_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB "
+                "is free; try --quantization int4 or int8"
+            )
 
     @property
     def kv_cache_tokens(self) -> int:
