@@ -196,19 +196,35 @@ def chat(
     max_model_len: MaxModelLenOption = None,
     quantization: QuantizationOption = None,
     system: Annotated[str | None, typer.Option(help="System prompt for the whole conversation")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass")] = 0.8,
-    max_length: Annotated[int, typer.Option(min=2, help="Prompt plus answer tokens per turn")] = 2048,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 is greedy [default: the model family's]", show_default=False)
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling mass [default: the model family's]", show_default=False)
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(min=2, help="Prompt plus answer tokens per turn [default: the model family's]", show_default=False),
+    ] = None,
 ) -> None:
     """Chat in the terminal. Answers stream as they are generated.
 
     Type `clear` to reset the history, `stop` or Ctrl-D to exit. Ctrl-C during an answer
     stops it (the partial answer stays in the history); Ctrl-C at the prompt exits.
-    When the conversation outgrows --max-length, the oldest turns are dropped.
+    When the conversation outgrows --max-length, the oldest turns are dropped. Defaults come from
+    the model family: ChatGLM's demos use 0.8 / 0.8 / 8192; other models sample only if their
+    generation_config.json says so, else answer greedily (the bundled GGUF has none).
     """
-    params = make_params(temperature=temperature, top_p=top_p)
+    make_params(temperature=temperature or 0.0, top_p=top_p or 1.0)  # reject bad values before loading
     llm = load_llm(model, dtype, max_model_len, quantization)
-    ChatSession(llm, params, max_length, system).run()
+    defaults = llm.generation_defaults
+    params = make_params(
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        top_k=defaults.top_k,
+        repetition_penalty=defaults.repetition_penalty,
+    )
+    ChatSession(llm, params, max_length or defaults.max_length, system).run()
 
 
 # ---------------------------------------------------------------- generate

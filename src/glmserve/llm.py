@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from glmserve.chat.defaults import GenerationDefaults, generation_defaults, read_generation_config
 from glmserve.config import EngineConfig
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
@@ -35,6 +36,13 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        """The model family's default max_length / temperature / top_p (see chat/defaults.py)."""
+        model_config = self.engine.model_config
+        model_type = model_config.extra.get("model_type", model_config.architecture)
+        return generation_defaults(model_type, self.max_model_len, read_generation_config(self.model_path))
 
     # -- batch APIs ---------------------------------------------------------------------------
     def generate(

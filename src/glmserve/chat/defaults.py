@@ -1,0 +1,55 @@
+"""Each model family's default generation settings, shared by the CLI, the classic API and the UI.
+
+- ChatGLM2/3 and GLM-4: their official demos' max_length 8192, temperature 0.8, top_p 0.8.
+- Others: as transformers does, sample only if the checkpoint's generation_config.json says
+  `do_sample` (with its temperature / top_p / top_k / repetition_penalty); otherwise greedy.
+  A GGUF carries no generation config, so the bundled SmolLM2 answers greedily by default
+  (its first answer token to "What is the capital of France?" is a near tie).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+CHATGLM_MODEL_TYPES = frozenset({"chatglm", "glm", "glm4"})
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What a request gets for a field it leaves out (or sends as "" on the classic API)."""
+
+    max_length: int  # prompt plus answer, ChatGLM's meaning
+    temperature: float
+    top_p: float
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+def generation_defaults(model_type: str, max_model_len: int, generation_config: dict) -> GenerationDefaults:
+    if model_type in CHATGLM_MODEL_TYPES:
+        return GenerationDefaults(max_length=min(8192, max_model_len), temperature=0.8, top_p=0.8)
+    if not generation_config.get("do_sample", False):
+        return GenerationDefaults(max_length=max_model_len, temperature=0.0, top_p=1.0)
+    return GenerationDefaults(
+        max_length=max_model_len,
+        temperature=float(generation_config.get("temperature", 1.0)),
+        top_p=float(generation_config.get("top_p", 1.0)),
+        top_k=int(generation_config.get("top_k", 0) or 0),
+        repetition_penalty=float(generation_config.get("repetition_penalty", 1.0)),
+    )
+
+
+def read_generation_config(model_path: Path) -> dict:
+    """generation_config.json of a Hugging Face folder; {} for a GGUF file or when absent."""
+    file = model_path / "generation_config.json" if model_path.is_dir() else None
+    if file is None or not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("ignoring unreadable %s", file)
+        return {}
