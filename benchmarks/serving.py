@@ -48,7 +48,7 @@ async def run_load(engine: AsyncEngine, batch: list[list[int]], new_tokens: int,
     runs = await asyncio.gather(*(one_stream(engine, f"{tag}-{i}", p, params) for i, p in enumerate(batch)))
     elapsed = time.perf_counter() - start
     ttft = [t[1] - t[0] for t in runs]
-    itl = [b - a for t in runs for a, b in zip(t[1:], t[2:])]
+    itl = [b - a for t in runs for a, b in zip(t[1:], t[2:], strict=False)]
     return {
         "streams": len(batch),
         "tokens_per_s": len(batch) * new_tokens / elapsed,

@@ -1,4 +1,4 @@
-"""The `glmserve` command: one typer app, one function per subcommand (chat, generate; later serve).
+"""The `glmserve` command: one typer app, one function per subcommand (serve, chat, generate, estimate).
 
 Every user error ends the process with one line on stderr and exit code 1, never a traceback.
 Torch and the engine are imported only once a command loads a model, so `--help` stays fast.
@@ -17,6 +17,7 @@ import typer
 
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model_path import ModelNotFoundError, resolve_model_path
+from glmserve.serving.cli import serve
 
 app = typer.Typer(
     help="Serve, chat with and batch-run ChatGLM-family and Llama-family models.",
@@ -466,6 +467,11 @@ def estimate(
     typer.echo(f"model: {path}")
     for line in result.lines():
         typer.echo(line)
+
+
+# serve: declared in serving/cli.py (settings declared once: flag, env var, help); fastapi and
+# torch are imported only inside it.
+app.command()(serve)
 
 
 def main() -> None:

@@ -129,4 +129,4 @@ def test_logprobs_and_prompt_logprobs_shapes(llm):
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
     for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True):
         assert token in entry and all(v <= 0 for v in entry.values())
-    assert completion.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(completion.token_ids, completion.logprobs)))
+    assert completion.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(completion.token_ids, completion.logprobs, strict=True)))

@@ -36,7 +36,15 @@ class _Stream:
     outputs: asyncio.Queue
 
     def push(self, item: StreamOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        _call_soon(self.loop, self.outputs.put_nowait, item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Hand work to a caller's event loop; a loop closed under a live request must not kill the engine."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        logger.warning("dropping output for a request whose event loop is closed")
 
 
 def _deliver(items: list[tuple[asyncio.Queue, StreamOutput]]) -> None:
@@ -164,7 +172,7 @@ class AsyncEngine:
         # One wake-up of each event loop per step, not one per stream: the loop's thread then
         # takes a core from the 2 torch threads once per step (oversubscription is costly here).
         for loop, items in deliveries.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            _call_soon(loop, _deliver, items)
         self._record_tokens(num_tokens)
 
     def _record_tokens(self, num_tokens: int) -> None:

@@ -83,6 +83,11 @@ class LLMEngine:
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
+        if params.max_tokens is None and num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) leaves no room to answer within the context length "
+                f"of {self.max_model_len} tokens"
+            )
         vocab_size = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
