@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from glmserve.config import EngineConfig, ModelConfig
+from glmserve.engine.attention_metadata import build_attention_metadata
 from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
 from glmserve.engine.layers.attention import AttentionMetadata
 from glmserve.engine.layers.linear import Linear
@@ -214,53 +215,19 @@ class ModelRunner:
         )
 
     def _attention_metadata(self, batch, decode: list[int], prefill: list[int], slots) -> AttentionMetadata:
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(self.device),
-            num_decode_tokens=len(decode),
-            decode_block_tables=None,
-            decode_mask=None,
-            prefill_block_tables=None,
-            prefill_mask=None,
-            prefill_pad_index=None,
-            prefill_unpad_index=None,
+        decode_seqs = [batch.seqs[i] for i in decode]
+        prefill_seqs = [batch.seqs[i] for i in prefill]
+        return build_attention_metadata(
+            slots,
+            decode_tables=[s.block_table for s in decode_seqs],
+            decode_context_lens=[s.num_computed_tokens + 1 for s in decode_seqs],
+            prefill_tables=[s.block_table for s in prefill_seqs],
+            prefill_starts=[s.num_computed_tokens for s in prefill_seqs],
+            prefill_q_lens=[batch.num_new_tokens[i] for i in prefill],
+            block_size=self.block_size,
+            device=self.device,
+            dtype=self.dtype,
         )
-        if decode:
-            seqs = [batch.seqs[i] for i in decode]
-            meta.decode_block_tables = self._block_tables(seqs)
-            lens = [s.num_computed_tokens + 1 for s in seqs]
-            num_keys = meta.decode_block_tables.shape[1] * self.block_size
-            if min(lens) < num_keys:  # some keys are padding past a context's end
-                key_index = torch.arange(num_keys, device=self.device)
-                visible = key_index[None, :] < torch.tensor(lens, device=self.device)[:, None]  # [B, L]
-                mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-                meta.decode_mask = mask.masked_fill_(~visible, float("-inf"))[None, :, None, :]  # [1, B, 1, L]
-        if prefill:
-            self._prefill_metadata(meta, [batch.seqs[i] for i in prefill], [batch.num_new_tokens[i] for i in prefill])
-        return meta
-
-    def _prefill_metadata(self, meta: AttentionMetadata, seqs: list[Sequence], q_lens: list[int]) -> None:
-        starts = [s.num_computed_tokens for s in seqs]
-        if len(seqs) == 1 and starts[0] == 0:
-            meta.prefill_is_fresh = True
-            return
-        p, max_q = len(seqs), max(q_lens)
-        meta.prefill_max_q = max_q
-        meta.prefill_block_tables = self._block_tables(seqs)
-        q_index = torch.arange(max_q, device=self.device)
-        q_lens_t = torch.tensor(q_lens, device=self.device)
-        offsets = torch.tensor(np.cumsum([0] + q_lens[:-1]), device=self.device)
-        is_real = q_index[None, :] < q_lens_t[:, None]  # [P, max_q]
-        meta.prefill_pad_index = torch.where(is_real, offsets[:, None] + q_index[None, :], 0).flatten()
-        meta.prefill_unpad_index = (torch.arange(p, device=self.device)[:, None] * max_q + q_index[None, :])[is_real]
-        q_pos = torch.tensor(starts, device=self.device)[:, None] + q_index[None, :]  # [P, max_q]
-        q_pos = torch.where(is_real, q_pos, 0)  # padded rows see key 0 only: no all-masked rows
-        key_pos = torch.arange(meta.prefill_block_tables.shape[1] * self.block_size, device=self.device)
-        meta.prefill_mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [P, 1, max_q, L]
-
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
 
 
 def _logprob_entries(chosen_ids, chosen, top_values, top_ids) -> list[dict[int, float]]:

@@ -12,6 +12,7 @@ Grouped KV heads are handled by folding each group of query heads into the query
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,32 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     return cache.index_select(1, block_tables.flatten()).view(kvh, b, max_blocks * block_size, d)
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al., 2022): 2^(-8i/n) for n a power of two; otherwise the
+    slopes of the nearest lower power of two m, then every other slope of 2m for the rest."""
+
+    def powers(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    m = 2 ** math.floor(math.log2(num_heads))
+    slopes = powers(m) + powers(2 * m)[0::2][: num_heads - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, use_alibi: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group_size = num_heads // num_kv_heads
         self.scale = head_dim**-0.5
+        # ALiBi adds slope_h * key_position to the scaled scores (the query-position term is
+        # constant along each softmax row, so it is dropped, as Baichuan's code does).
+        self.alibi = alibi_slopes(num_heads) if use_alibi else None
+
+    def _alibi_bias(self, num_keys: int, device) -> torch.Tensor:
+        """[H, L] float32: slope_h * key position."""
+        return self.alibi.to(device)[:, None] * torch.arange(num_keys, device=device, dtype=torch.float32)
 
     def forward(
         self,
@@ -77,6 +98,9 @@ class PagedAttention(nn.Module):
         values = gather_blocks(v_cache, meta.decode_block_tables)
         q = (q * self.scale).view(b, self.num_kv_heads, self.group_size, self.head_dim).transpose(0, 1)  # [KVH, B, G, D]
         scores = torch.matmul(q, keys.transpose(-1, -2))  # [KVH, B, G, L]
+        if self.alibi is not None:
+            bias = self._alibi_bias(keys.shape[2], q.device).view(self.num_kv_heads, 1, self.group_size, -1)
+            scores = scores + bias.to(scores.dtype)
         if meta.decode_mask is not None:
             scores = scores + meta.decode_mask
         probs = torch.softmax(scores, -1)  # the CPU kernel accumulates 16-bit inputs in float32
@@ -84,7 +108,7 @@ class PagedAttention(nn.Module):
         return out.transpose(0, 1).reshape(b, self.num_heads * self.head_dim)
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        if meta.prefill_is_fresh:  # [1, H, n, D] against the chunk's own keys
+        if meta.prefill_is_fresh and self.alibi is None:  # [1, H, n, D] against the chunk's own keys
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0),
                 k.transpose(0, 1).unsqueeze(0),
@@ -97,8 +121,10 @@ class PagedAttention(nn.Module):
         padded_q = q[meta.prefill_pad_index].view(p, max_q, self.num_heads, self.head_dim).transpose(1, 2)
         keys = gather_blocks(k_cache, meta.prefill_block_tables).transpose(0, 1)  # [P, KVH, L, D]
         values = gather_blocks(v_cache, meta.prefill_block_tables).transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            padded_q, keys, values, attn_mask=meta.prefill_mask, enable_gqa=True
-        )  # [P, H, max_q, D]
+        mask = meta.prefill_mask  # [P, 1, max_q, L] bool
+        if self.alibi is not None:  # float mask: the bias where visible, -inf elsewhere
+            bias = self._alibi_bias(keys.shape[2], q.device)[None, :, None, :]  # [1, H, 1, L]
+            mask = torch.where(mask, bias, float("-inf")).to(q.dtype)
+        out = F.scaled_dot_product_attention(padded_q, keys, values, attn_mask=mask, enable_gqa=True)  # [P, H, max_q, D]
         out = out.transpose(1, 2).reshape(p * max_q, self.num_heads * self.head_dim)
         return out[meta.prefill_unpad_index]
