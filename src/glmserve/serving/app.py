@@ -41,11 +41,17 @@ from glmserve.serving.streaming import ClientDisconnected, client_disconnected_r
 
 if TYPE_CHECKING:
     from glmserve.engine.async_engine import AsyncEngine
+    from glmserve.ui.agent import AgentRunner
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: ServeSettings, engines: Mapping[str, AsyncEngine] | None = None) -> FastAPI:
+def create_app(
+    settings: ServeSettings,
+    engines: Mapping[str, AsyncEngine] | None = None,
+    agent_runner: AgentRunner | None = None,
+) -> FastAPI:
+    """`agent_runner` (tools and code interpreter) adds the UI's Tool / Code Interpreter tabs."""
     named_paths = None if engines else resolve_models(settings)
     model_names = list(engines) if engines else list(named_paths)
     state: dict = {}  # the registry, once the lifespan has loaded the models
@@ -82,6 +88,10 @@ def create_app(settings: ServeSettings, engines: Mapping[str, AsyncEngine] | Non
             expose_headers=["X-Request-ID"],
         )
     app.add_middleware(RequestContextMiddleware, record=metrics.record_request)
+    if not settings.no_ui:
+        from glmserve.ui import mount_ui  # imports gradio: only when the UI is on
+
+        mount_ui(app, settings, model_names, agent_runner)
     return app
 
 

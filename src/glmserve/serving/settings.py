@@ -65,6 +65,7 @@ class ServeSettings(BaseModel):
     num_threads: int | None = Field(
         None, ge=1, description="Torch threads per engine [default: physical cores]"
     )
+    no_ui: bool = Field(False, description="Do not serve the web UI at /ui (then gradio is never imported)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     graceful_timeout_s: float = Field(
         60.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before closing them"
