@@ -11,6 +11,7 @@ import sys
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TextIO
 
 import typer
@@ -207,6 +208,9 @@ def chat(
         int | None,
         typer.Option(min=2, help="Prompt plus answer tokens per turn [default: the model family's]", show_default=False),
     ] = None,
+    tools: Annotated[
+        bool, typer.Option("--tools", help="Let a ChatGLM3 / GLM-4 model call the built-in tools (time, calculator, Python)")
+    ] = False,
 ) -> None:
     """Chat in the terminal. Answers stream as they are generated.
 
@@ -225,6 +229,11 @@ def chat(
         top_k=defaults.top_k,
         repetition_penalty=defaults.repetition_penalty,
     )
+    if tools:
+        from glmserve.tool_chat import run_tool_chat  # jupyter_client: only for --tools
+
+        run_tool_chat(llm, params, system, max_length or defaults.max_length)
+        return
     ChatSession(llm, params, max_length or defaults.max_length, system).run()
 
 
@@ -472,6 +481,36 @@ def estimate(
 # serve: declared in serving/cli.py (settings declared once: flag, env var, help); fastapi and
 # torch are imported only inside it.
 app.command()(serve)
+
+
+# ---------------------------------------------------------------- quantize
+
+
+@app.command()
+def quantize(
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder to write the quantized checkpoint to")],
+    quantization: Annotated[Quantization, typer.Option(help="int4 (group-wise) or int8 (per channel)")] = Quantization.int4,
+    model: ModelOption = None,
+    group_size: Annotated[int, typer.Option(min=16, help="int4 group size (input columns per scale)")] = 64,
+) -> None:
+    """Write a pre-quantized copy of a Hugging Face checkpoint (safetensors + a small JSON), which
+    then loads with --model like any folder, without quantizing again."""
+    if quantization is Quantization.none:
+        fail("--quantization must be int4 or int8")
+    try:
+        path = resolve_model_path(model)
+    except ModelNotFoundError as e:
+        fail(str(e))
+    import torch
+
+    from glmserve.engine.loader import open_checkpoint
+    from glmserve.engine.quantized_checkpoint import write_quantized
+
+    try:
+        size = write_quantized(open_checkpoint(path), Path(output), quantization.value, group_size, torch.bfloat16)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {output} ({size / 2**30:.2f} GiB of weights, {quantization.value})")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import torch
 from glmserve.config import ModelConfig
 from glmserve.engine.gguf_loader import is_gguf_file, open_gguf, read_gguf_metadata
 from glmserve.engine.hf_loader import open_hf_folder
+from glmserve.engine.quantized_checkpoint import is_quantized_folder, open_quantized
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_gguf_metadata"]
 
@@ -41,6 +42,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
+    if is_quantized_folder(path):
+        return open_quantized(path, open_hf_folder(path).config)
     if path.is_dir():
         return open_hf_folder(path)
     if is_gguf_file(path):

@@ -16,7 +16,7 @@ from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.device import available_memory_bytes, resolve_dtype
 from glmserve.engine.gguf_int4 import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.gguf_int4 import INT4_TYPES
-from glmserve.engine.layers.linear import Linear
+from glmserve.engine.layers.linear import Linear, is_output_layer
 from glmserve.engine.models import model_class
 
 GIB = 2**30
@@ -53,11 +53,12 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 def estimate_memory(checkpoint, engine_config: EngineConfig, max_model_len: int) -> MemoryEstimate:
     device = torch.device(engine_config.device)
     dtype = resolve_dtype(engine_config.dtype, device)
-    quantization = engine_config.quantization
+    quantization = getattr(checkpoint, "quantization", None) or engine_config.quantization
+    group_size = getattr(checkpoint, "group_size", engine_config.quantization_group_size)
     if checkpoint.format == "gguf" and quantization in (None, "int4"):
         weights = _gguf_weights_bytes(checkpoint, dtype, keep_dense=quantization is None, device=device)
     else:
-        weights = _model_weights_bytes(checkpoint.config, dtype, quantization, engine_config.quantization_group_size)
+        weights = _model_weights_bytes(checkpoint.config, dtype, quantization, group_size)
     return MemoryEstimate(
         weights_bytes=weights,
         kv_bytes_per_token=kv_bytes_per_token(checkpoint.config, dtype),
@@ -90,12 +91,12 @@ def _model_weights_bytes(config: ModelConfig, dtype: torch.dtype, quantization: 
     with torch.device("meta"):
         model = model_class(config)(config)
     total = 0
-    for module in model.modules():
+    for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             numel = param.numel()
             scheme = quantization if isinstance(module, Linear) and name == "weight" else None
-            if scheme in ("int8", "int4") and module.out_features == config.vocab_size:
-                scheme = "int8"  # the output layer
+            if scheme in ("int8", "int4") and is_output_layer(path):
+                scheme = "int8"
             if scheme == "int8":
                 total += numel + module.out_features * dtype.itemsize
             elif scheme == "int4":

@@ -11,7 +11,7 @@ from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.attention_metadata import build_attention_metadata
 from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
 from glmserve.engine.layers.attention import AttentionMetadata
-from glmserve.engine.layers.linear import Linear
+from glmserve.engine.layers.linear import Linear, is_output_layer
 from glmserve.engine.layers.quant import supports_weight_only_kernels
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
@@ -49,8 +49,10 @@ class ModelRunner:
             torch.set_num_threads(engine_config.num_threads or num_physical_cores())
         self.eos_token_ids = list(eos_token_ids)  # banned before min_tokens
         self.model = build_model(model_config, self.dtype, self.device)
-        self._plan_quantization(engine_config.quantization, engine_config.quantization_group_size)
-        keep_int4 = engine_config.quantization in (None, "int4")  # a GGUF's 4-bit blocks, exactly
+        # A pre-quantized checkpoint (glmserve quantize) runs as it was written.
+        quantization = engine_config.quantization or getattr(checkpoint, "quantization", None)
+        self._plan_quantization(quantization, engine_config.quantization_group_size)
+        keep_int4 = quantization in (None, "int4")  # a GGUF's 4-bit blocks, exactly
         load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_int4=keep_int4))
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -75,10 +77,9 @@ class ModelRunner:
             )
         dense_bytes = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
         keep_dense = quantization is None and dense_bytes < available_memory_bytes(self.device) / 4
-        vocab_size = self.model_config.vocab_size
-        for module in self.model.modules():
+        for path, module in self.model.named_modules():
             if isinstance(module, Linear):
-                is_head = module.out_features == vocab_size
+                is_head = is_output_layer(path)
                 module.quantization = ("int8" if is_head else quantization) if quantization in ("int8", "int4") else None
                 module.group_size = group_size
                 module.keep_dense_copy = keep_dense

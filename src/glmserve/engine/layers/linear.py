@@ -29,6 +29,13 @@ from glmserve.engine.layers.quant import (
 MAX_INT4_ROWS = 4
 
 
+OUTPUT_LAYER_NAMES = ("lm_head", "output_layer")  # Llama / Baichuan, ChatGLM
+
+
+def is_output_layer(module_path: str) -> bool:
+    return module_path.rpartition(".")[2] in OUTPUT_LAYER_NAMES
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
