@@ -339,7 +339,7 @@ def test_hf_other_model_type_keeps_whole_config(tmp_path):
     assert (config.vocab_size, config.intermediate_size, config.num_hidden_layers) == (64, 96, 2)
     assert (config.num_key_value_heads, config.head_dim, config.max_position_embeddings) == (2, 8, 128)
     loaded = dict(ckpt.iter_tensors(torch.bfloat16))
-    assert loaded.keys() == state_dict.keys()
+    assert loaded.keys() == state_dict.keys() - {"transformer.rotary_pos_emb.inv_freq"}  # derived buffer: skipped
     assert all(t.dtype == torch.bfloat16 for t in loaded.values())
 
 

@@ -60,6 +60,8 @@ class HFCheckpoint:
     def _is_skipped(self, name: str) -> bool:
         # Old Llama checkpoints saved the RoPE inv_freq buffer (derived from config); some tied
         # checkpoints still save lm_head, a copy of the embedding.
+        if self.config.architecture == "chatglm":  # THUDM's files save the derived RoPE buffer too
+            return name.endswith("rotary_pos_emb.inv_freq")
         if self.config.architecture != "llama":
             return False
         is_tied_head = self.config.tie_word_embeddings and name == "lm_head.weight"
@@ -83,10 +85,12 @@ def hf_model_config(config: dict[str, Any], generation_config: dict[str, Any]) -
     model_type = config.get("model_type")
     if not model_type:
         raise ValueError("config.json has no model_type")
+    if model_type == "chatglm":
+        _check_chatglm_variant(config)
     values = _config_values(config, model_type)
     values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
     is_llama = model_type in LLAMA_TYPES
-    return ModelConfig(
+    fields = dict(
         architecture="llama" if is_llama else model_type,
         **values,
         rope_theta=_rope_theta(config),
@@ -97,6 +101,44 @@ def hf_model_config(config: dict[str, Any], generation_config: dict[str, Any]) -
         torch_dtype=config.get("torch_dtype") or config.get("dtype"),
         extra=_llama_extra(config) if is_llama else dict(config),
     )
+    if model_type == "chatglm":
+        fields |= _chatglm_fields(config)
+    return ModelConfig(**fields)
+
+
+# THUDM ChatGLMConfig flags selecting variants glm.py does not implement, with the value that
+# every ChatGLM2/3 and GLM-4 release has (and the default when absent).
+CHATGLM_REQUIRED_FLAGS = {
+    "rmsnorm": True,
+    "post_layer_norm": True,
+    "add_bias_linear": False,
+    "apply_residual_connection_post_layernorm": False,
+}
+
+
+def _check_chatglm_variant(config: dict[str, Any]) -> None:
+    if "padded_vocab_size" not in config:
+        raise ValueError(
+            "config.json (model_type 'chatglm') has no padded_vocab_size: the first-generation "
+            "ChatGLM-6B is not supported (ChatGLM2-6B, ChatGLM3-6B and GLM-4 are)"
+        )
+    wrong = {key: config[key] for key, value in CHATGLM_REQUIRED_FLAGS.items() if config.get(key, value) != value}
+    if wrong:
+        raise ValueError(f"unsupported ChatGLM variant: config.json has {wrong}, expected {CHATGLM_REQUIRED_FLAGS}")
+
+
+def _chatglm_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """THUDM's config.json (ChatGLM2/3, GLM-4): the embedding has padded_vocab_size rows, KV heads
+    are multi_query_group_num unless multi_query_attention is false, add_qkv_bias puts a bias on
+    q/k/v, and the RoPE base is 10000 * rope_ratio (the 32k/128k variants raise rope_ratio)."""
+    fields = {
+        "vocab_size": config["padded_vocab_size"],
+        "attention_bias": bool(config.get("add_qkv_bias", False)),
+        "rope_theta": 10000.0 * float(config.get("rope_ratio", 1.0)),
+    }
+    if config.get("multi_query_attention") is False:  # every release says true; THUDM's default is false
+        fields["num_key_value_heads"] = config["num_attention_heads"]
+    return fields
 
 
 def _config_values(config: dict[str, Any], model_type: str) -> dict[str, Any]:
