@@ -36,7 +36,8 @@ def open_fresh_chat(server, browser) -> ChatPage:
 
 def test_answer_streams_in_and_shows_its_token_counts(server, browser):
     chat = open_fresh_chat(server, browser)
-    assert chat.page.get_by_role("tab").all_inner_texts() == ["Chat"]  # no agent runner: no Tool tabs
+    # `glmserve serve` hands the UI its agent runner (ui/agent_runner.py): the agent tabs are there
+    assert chat.page.get_by_role("tab").all_inner_texts() == ["Chat", "Tool", "Code Interpreter"]
     chat.page.evaluate(RECORD_ANSWER_LENGTHS)
     chat.send(QUESTION)
     answer = chat.wait_for_answer_text("done")

@@ -30,10 +30,20 @@ def serve(**options: Any) -> None:
         settings.check_exposure()
         from glmserve.serving.app import create_app  # fastapi and friends: only when serving
 
-        app = create_app(settings)
+        app = create_app(settings, agent_runner=None if settings.no_ui else _agent_runner())
     except (ValueError, RuntimeError) as error:  # bad names, missing model paths
         _fail(str(error))
     _run(app, settings)
+
+
+def _agent_runner() -> Any:
+    """The UI's Tool / Code Interpreter tabs; hidden when the code interpreter's packages are missing."""
+    try:
+        from glmserve.ui.agent_runner import GLMAgentRunner
+    except ImportError as error:  # jupyter_client / ipykernel: see requirements-tools.txt
+        typer.echo(f"warning: no Tool / Code Interpreter tabs ({error})", err=True)
+        return None
+    return GLMAgentRunner()
 
 
 def _run(app: Any, settings: ServeSettings) -> None:

@@ -80,18 +80,28 @@ def usage_of(completions: Sequence[Completion], num_prompts: int = 1) -> dict:
     )
 
 
+def _plain_message(text: str, reason: str | None) -> tuple[dict, str | None]:
+    return {"role": "assistant", "content": text, "tool_calls": []}, reason
+
+
 def chat_response(
-    request_id: str, created: int, model: ServedModel, completions: list[Completion], k: int | None
+    request_id: str,
+    created: int,
+    model: ServedModel,
+    completions: list[Completion],
+    k: int | None,
+    to_message=_plain_message,  # (text, finish_reason) -> (message, finish_reason): tool calls
 ):
     choices = []
     for c in completions:
         logprobs = chat_logprobs(model, c.token_ids, c.logprobs, k) if c.logprobs is not None else None
+        message, reason = to_message(c.text, finish_reason(c.finish_reason))
         choices.append(
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "tool_calls": []},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": finish_reason(c.finish_reason),
+                "finish_reason": reason,
                 "stop_reason": c.stop_reason,
             }
         )

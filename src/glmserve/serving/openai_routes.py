@@ -26,6 +26,7 @@ from glmserve.serving.streaming import (
     until_disconnected,
     with_first,
 )
+from glmserve.serving.tool_calls import ToolPlan, plan_tools
 
 router = APIRouter()
 SSE_MEDIA_TYPE = "text/event-stream"
@@ -63,38 +64,47 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     body.check_supported()
     service = _service(request)
     model = service.model(body.model)
-    prompt_ids = service.chat_prompt_ids(model, body.message_dicts(), body.tools)
+    plan = plan_tools(model.tokenizer, body.tools, body.tool_choice)
+    prompt_ids = service.chat_prompt_ids(model, body.message_dicts(), plan.tools)
+    prompt_ids += plan.prompt_suffix_ids(model.tokenizer)  # a forced call's header
     params = service.sampling_params(model, len(prompt_ids), **body.sampling_options())
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     events = service.generate(model, [prompt_ids], [params], request_id)
     if body.stream:
-        render = _chat_chunks(request_id, created, model, body.top_logprobs or 0, body.include_usage)
+        render = _chat_chunks(request_id, created, model, body.top_logprobs or 0, body.include_usage, plan)
         return await start_stream(request, events, render, SSE_MEDIA_TYPE)
     completions = await until_disconnected(request, collect(events, params.n))
-    return JSONResponse(fmt.chat_response(request_id, created, model, completions, body.top_logprobs or 0))
+    k = body.top_logprobs or 0
+    return JSONResponse(fmt.chat_response(request_id, created, model, completions, k, plan.message))
 
 
-def _chat_chunks(request_id: str, created: int, model: ServedModel, k: int, include_usage: bool) -> Render:
+def _chat_chunks(
+    request_id: str, created: int, model: ServedModel, k: int, include_usage: bool, plan: ToolPlan
+) -> Render:
     header = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model.name}
 
     async def render(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        tally = _Tally()
+        tally, streams = _Tally(), {}
         try:
             async for index, out in with_first(first, events):
                 is_new = tally.add(index, out)
-                if not (out.text_delta or out.finished or out.logprobs is not None or is_new):
-                    continue  # a token still inside a multi-byte character: nothing to show yet
-                delta = (
-                    {"role": "assistant", "content": out.text_delta}
-                    if is_new
-                    else {"content": out.text_delta}
-                )
+                stream = streams.setdefault(index, plan.streamer())
+                deltas = stream.deltas(out.text_delta, out.finished)
+                if not (deltas or out.finished or out.logprobs is not None or is_new):
+                    continue  # held back (a token inside a character, a possible tool call)
+                deltas = deltas or [{"content": ""}]
+                if is_new:
+                    deltas[0] = {"role": "assistant", **deltas[0]}
                 logprobs = (
                     fmt.chat_logprobs(model, out.new_token_ids, out.logprobs, k) if out.logprobs else None
                 )
-                choice = {"index": index, "delta": delta, "logprobs": logprobs}
-                choice["finish_reason"] = fmt.finish_reason(out.finish_reason)
-                yield sse({**header, "choices": [choice], **({"usage": None} if include_usage else {})})
+                for i, delta in enumerate(deltas):
+                    is_last = i == len(deltas) - 1
+                    choice = {"index": index, "delta": delta, "logprobs": logprobs if is_last else None}
+                    choice["finish_reason"] = (
+                        stream.finish_reason(fmt.finish_reason(out.finish_reason)) if is_last else None
+                    )
+                    yield sse({**header, "choices": [choice], **({"usage": None} if include_usage else {})})
             if include_usage:
                 yield sse({**header, "choices": [], "usage": tally.usage()})
         except APIError as error:
