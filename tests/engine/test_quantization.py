@@ -141,3 +141,15 @@ def test_quantized_model_logprobs_close_to_bf16(prompt_logprobs_by_scheme, schem
 def test_quantization_needs_cpu_bf16(bundled_gguf):
     with pytest.raises(ValueError, match="bfloat16"):
         LLM(bundled_gguf, dtype="float32", quantization="int8", kv_cache_memory=2**24)
+
+
+@pytest.mark.parametrize("in_features", [40, 56, 64, 72])
+def test_int8_layers_of_any_width_are_correct(in_features):
+    """The CPU int8 kernel is only right for in_features % 16 == 0; other widths fall back to dense."""
+    layer = Linear(in_features, 32).bfloat16()
+    layer.quantization = "int8"
+    w = torch.randn(32, in_features)
+    layer.load_shard("weight", w)
+    x = torch.randn(3, in_features).bfloat16()
+    expected = x.float() @ Int8Weight.quantize(w).dequantize().t()
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
