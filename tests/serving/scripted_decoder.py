@@ -28,7 +28,7 @@ class ScriptedDecoderEngine:
             max_model_len=8192,
             kv_cache_tokens=8192,
             block_manager=SimpleNamespace(num_free_blocks=1, num_blocks=1),
-            model_config=SimpleNamespace(extra={"model_type": "chatglm"}, architecture="ChatGLMModel"),
+            model_config=SimpleNamespace(extra={"model_type": "chatglm"}, architecture="ChatGLMModel", vocab_size=65024),
         )
 
     def stats(self) -> dict:
