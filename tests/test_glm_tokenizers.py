@@ -176,8 +176,8 @@ def test_offers_the_tokenizer_interface(family, request):
 
 
 def test_other_tokenizer_model_folders_are_not_claimed(tmp_path):
-    """A SentencePiece folder of another family (Baichuan's class name) is left to other loaders."""
+    """A SentencePiece folder of another family (InternLM's class name) is left to other loaders."""
     shutil.copy(DATA / "chatglm3" / "tokenizer.model", tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BaichuanTokenizer"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "InternLMTokenizer"}))
     with pytest.raises(ValueError, match="no supported tokenizer"):
         load_tokenizer(tmp_path)

@@ -42,7 +42,8 @@ class LLM:
         """The model family's default max_length / temperature / top_p (see chat/defaults.py)."""
         model_config = self.engine.model_config
         model_type = model_config.extra.get("model_type", model_config.architecture)
-        return generation_defaults(model_type, self.max_model_len, read_generation_config(self.model_path))
+        generation_config = read_generation_config(self.model_path)
+        return generation_defaults(model_type, self.max_model_len, generation_config, model_config.vocab_size)
 
     # -- batch APIs ---------------------------------------------------------------------------
     def generate(

@@ -20,6 +20,7 @@ import tokenizers
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
+from glmserve.baichuan_tokenizer import is_baichuan_tokenizer_folder, load_baichuan_tokenizer
 from glmserve.chat.template import render_chat, render_segments, special_pattern
 from glmserve.gguf_file import open_gguf_reader
 from glmserve.glm_tokenizers import is_glm_tokenizer_folder, load_glm_tokenizer
@@ -207,6 +208,7 @@ def _hf_chat_template(folder: Path, config: dict) -> str | None:
 # GLM-4's tiktoken file) go in front.
 FOLDER_LOADERS: list[tuple[str | Callable[[Path], bool], Callable[[Path], Tokenizer]]] = [
     (is_glm_tokenizer_folder, load_glm_tokenizer),
+    (is_baichuan_tokenizer_folder, load_baichuan_tokenizer),
     ("tokenizer.json", load_hf_tokenizer),
 ]
 

@@ -103,7 +103,22 @@ def hf_model_config(config: dict[str, Any], generation_config: dict[str, Any]) -
     )
     if model_type == "chatglm":
         fields |= _chatglm_fields(config)
+    if model_type == "baichuan":
+        fields["extra"] |= _baichuan_extra(config)
     return ModelConfig(**fields)
+
+
+BAICHUAN2_VOCAB_SIZE = 125696  # Baichuan2's tokenizer; Baichuan-13B's has 64000 pieces
+
+
+def _baichuan_extra(config: dict[str, Any]) -> dict[str, Any]:
+    """All three releases say `BaichuanForCausalLM`. The vocabulary tells Baichuan2 (NormHead)
+    from Baichuan-13B, and only Baichuan2-7B's config has max_position_embeddings (RoPE; the
+    13B models use ALiBi). Hidden sizes are not used, so scaled-down checkpoints keep their kind."""
+    return {
+        "norm_head": config["vocab_size"] == BAICHUAN2_VOCAB_SIZE,
+        "position_embedding": "rope" if "max_position_embeddings" in config else "alibi",
+    }
 
 
 # THUDM ChatGLMConfig flags selecting variants glm.py does not implement, with the value that

@@ -120,4 +120,5 @@ def model_generation_defaults(engine: AsyncEngine, path: Path | None = None) -> 
     llm_engine = engine.engine
     model_type = llm_engine.model_config.extra.get("model_type", llm_engine.model_config.architecture)
     generation_config = read_generation_config(path) if path is not None else {}
-    return generation_defaults(model_type, llm_engine.max_model_len, generation_config)
+    vocab_size = llm_engine.model_config.vocab_size
+    return generation_defaults(model_type, llm_engine.max_model_len, generation_config, vocab_size)

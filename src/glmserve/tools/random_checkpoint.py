@@ -1,11 +1,12 @@
-"""Write a random-weight ChatGLM2/3 / GLM-4 checkpoint in the real on-disk layout, with the real tokenizer.
+"""Write a random-weight ChatGLM2/3 / GLM-4 / Baichuan checkpoint in the real on-disk layout, with the real tokenizer.
 
     python -m glmserve.tools.random_checkpoint --config chatglm3-6b --out /tmp/chatglm3-tiny \\
         --num-layers 2 --hidden-size 64 --num-attention-heads 4 --multi-query-group-num 2 \\
         --kv-channels 16 --ffn-hidden-size 96 --rope-ratio 3 --format bin --shards 3 --dtype float32
 
 --config is a config.json path (tokenizer files are taken from its folder) or a preset naming the
-real configs kept in the project's tests/data: chatglm2-6b, chatglm3-6b, glm4-9b. Without
+real configs kept in the project's tests/data: chatglm2-6b, chatglm3-6b, glm4-9b, baichuan-13b,
+baichuan2-7b, baichuan2-13b (Baichuan: the size flags map onto its keys, see baichuan_layout.py). Without
 overrides the full 6B / 9B shape is written, one tensor in memory at a time for safetensors.
 --layout glm writes the same weights in transformers' GlmForCausalLM layout (model_type glm).
 Weights depend only on --seed and each tensor's name: every format, shard count and layout of
@@ -24,13 +25,21 @@ from typing import Any
 
 import torch
 
+from glmserve.tools.baichuan_layout import baichuan_tensor_shapes, is_baichuan_config, scale_baichuan_config
 from glmserve.tools.glm_layout import chatglm_tensor_shapes, glm_config, rotary_inv_freq, to_glm_layout
 from glmserve.tools.shard_writer import plan_shards, write_sharded
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "tests" / "data"
 # preset -> folders under tests/data: the config's first, then where tokenizer files are found
 # (ChatGLM2-6B ships the same tokenizer.model as ChatGLM3-6B, kept once).
-PRESETS = {"chatglm2-6b": ("chatglm2", "chatglm3"), "chatglm3-6b": ("chatglm3",), "glm4-9b": ("glm4",)}
+PRESETS = {
+    "chatglm2-6b": ("chatglm2", "chatglm3"),
+    "chatglm3-6b": ("chatglm3",),
+    "glm4-9b": ("glm4",),
+    "baichuan-13b": ("baichuan13b",),
+    "baichuan2-7b": ("baichuan2-7b",),
+    "baichuan2-13b": ("baichuan2-13b", "baichuan2-7b"),  # Baichuan2-13B ships the 7B tokenizer.model
+}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 SIZE_KEYS = (  # config.json keys that --num-layers etc. override
     "num_layers",
@@ -78,6 +87,8 @@ def scale_config(config: dict[str, Any], **sizes: Any) -> dict[str, Any]:
     unknown = set(sizes) - set(SIZE_KEYS)
     if unknown:
         raise ValueError(f"unknown size keys {sorted(unknown)}")
+    if is_baichuan_config(config):
+        return scale_baichuan_config(config, sizes)
     given = {k: v for k, v in sizes.items() if v is not None}
     out = {**config, **given}
     if ("hidden_size" in given or "num_attention_heads" in given) and "kv_channels" not in given:
@@ -95,7 +106,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> t
         raise ValueError("the RoPE buffer is computed, not random")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     values = torch.empty(shape, dtype=torch.float32).normal_(0.0, 1.0, generator=generator)
-    if "layernorm" in name:  # RMSNorm gains near 1, but not 1, so a mis-loaded norm shows
+    if "layernorm" in name or name.endswith("norm.weight"):  # RMSNorm gains near 1, but not 1, so a mis-loaded norm shows
         return values.mul_(0.1).add_(1.0)
     return values.mul_(std)
 
@@ -103,7 +114,9 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> t
 def write_random_checkpoint(spec: CheckpointSpec) -> list[Path]:
     """config.json, tokenizer files and weight shards in `spec.out`; returns the files written."""
     spec.out.mkdir(parents=True, exist_ok=True)
-    shapes = chatglm_tensor_shapes(spec.config)
+    if is_baichuan_config(spec.config) and spec.layout != "chatglm":
+        raise ValueError("Baichuan checkpoints have one layout (--layout is for ChatGLM)")
+    shapes = (baichuan_tensor_shapes if is_baichuan_config(spec.config) else chatglm_tensor_shapes)(spec.config)
     outputs = {name: _output_layout(name, shape, spec) for name, shape in shapes.items()}
     sizes = {name: sum(_numel(s) for _, s in entries) for name, entries in outputs.items()}
     shards = plan_shards({n: s for n, s in sizes.items() if s}, spec.num_shards)

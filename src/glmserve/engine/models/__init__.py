@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from glmserve.config import ModelConfig
+from glmserve.engine.layers.attention import PagedAttention, alibi_slopes
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.quant import Int4Weight
 from glmserve.engine.layers.rotary import RotaryEmbedding
+from glmserve.engine.models.baichuan import BaichuanForCausalLM
 from glmserve.engine.models.glm import ChatGLMForCausalLM, GlmForCausalLM
 from glmserve.engine.models.llama import LlamaForCausalLM
 
@@ -19,6 +21,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "chatglm": ChatGLMForCausalLM,  # THUDM's ChatGLM2/3 and GLM-4 files
     "glm": GlmForCausalLM,  # the same architecture in transformers' layout
+    "baichuan": BaichuanForCausalLM,  # Baichuan-13B, Baichuan2-7B / 13B
 }
 
 
@@ -39,6 +42,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     for module in model.modules():  # tables computed in __init__ were lost on the meta device
         if isinstance(module, RotaryEmbedding):
             module.build_tables(device)
+        if isinstance(module, PagedAttention) and module.alibi is not None:
+            module.alibi = alibi_slopes(module.num_heads).to(device)
     return model.eval()
 
 
