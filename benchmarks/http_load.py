@@ -191,9 +191,9 @@ def engine_loads(args: argparse.Namespace) -> list[dict]:
     from glmserve.engine.async_engine import AsyncEngine
     from glmserve.engine.llm_engine import LLMEngine
 
-    llm_engine = LLMEngine(args.model, EngineConfig(dtype=args.dtype, kv_cache_memory=1 << 30))
-    engine = AsyncEngine(llm_engine)
-    tok = llm_engine.tokenizer
+    config = EngineConfig(dtype=args.dtype, kv_cache_memory=1 << 30)
+    engine = AsyncEngine(lambda: LLMEngine(args.model, config))  # loads on the engine thread
+    tok = engine.engine.tokenizer
     batch = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in questions(max(args.clients))]
     try:
         asyncio.run(run_load(engine, batch[:2], 4, "warmup"))

@@ -82,8 +82,9 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     args = parser.parse_args()
 
-    llm_engine = LLMEngine(find_bundled_model(), EngineConfig(dtype=args.dtype, kv_cache_memory=1 << 30))
-    engine = AsyncEngine(llm_engine)
+    config = EngineConfig(dtype=args.dtype, kv_cache_memory=1 << 30)
+    engine = AsyncEngine(lambda: LLMEngine(find_bundled_model(), config))  # loads on the engine thread
+    llm_engine = engine.engine
     all_prompts = prompts(llm_engine, max(args.streams))
     asyncio.run(run_load(engine, all_prompts[:4], 8, "warmup"))
     results = [asyncio.run(run_load(engine, all_prompts[:n], args.new_tokens, f"n{n}")) for n in args.streams]

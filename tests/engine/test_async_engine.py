@@ -14,7 +14,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine(bundled_gguf):
-    async_engine = AsyncEngine(LLMEngine(bundled_gguf, EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20)))
+    async_engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20)))
     yield async_engine
     async_engine.shutdown()
 

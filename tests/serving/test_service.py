@@ -20,7 +20,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def engine(bundled_gguf):
     config = EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=512)
-    engine = AsyncEngine(LLMEngine(bundled_gguf, config))
+    engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, config))
     yield engine
     engine.shutdown()
 

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from glmserve.engine.llm_engine import LLMEngine
@@ -53,16 +53,23 @@ def _deliver(items: list[tuple[asyncio.Queue, StreamOutput]]) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]):
+        """Pass a factory (e.g. `lambda: LLMEngine(path, config)`) so the model loads on the engine
+        thread: torch ops run there ~2x faster than in a thread other than the one that loaded
+        the model (measured: 85 vs 40 tok/s single-stream on this 2-core CPU; OpenMP thread teams
+        are per master thread). A ready LLMEngine is accepted too. Load errors re-raise here."""
+        factory = engine if callable(engine) else (lambda: engine)
+        self.engine: LLMEngine | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="glmserve-engine", daemon=True)
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(factory, ready), name="glmserve-engine", daemon=True)
         self._thread.start()
+        ready.result()
 
     # -- caller side (any thread, usually the event loop) --------------------------------------
     async def generate(
@@ -111,7 +118,13 @@ class AsyncEngine:
         return len(self._streams)
 
     # -- engine thread ---------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, factory: Callable[[], LLMEngine], ready: concurrent.futures.Future) -> None:
+        try:
+            self.engine = factory()
+        except BaseException as error:  # surfaces in the constructor
+            ready.set_exception(error)
+            return
+        ready.set_result(None)
         while True:
             block = not self.engine.has_unfinished
             if not self._drain_commands(block):

@@ -5,7 +5,7 @@
 
 Or with engines built by the caller (tests, an embedding program), which then own them:
 
-    app = create_app(settings, engines={"smol": AsyncEngine(LLMEngine(path))})
+    app = create_app(settings, engines={"smol": AsyncEngine(lambda: LLMEngine(path))})
 """
 
 from __future__ import annotations

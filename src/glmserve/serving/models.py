@@ -102,7 +102,7 @@ def load_model(name: str, path: Path, settings: ServeSettings) -> ServedModel:
     from glmserve.engine.llm_engine import LLMEngine
 
     logger.info("loading model %s from %s", name, path)
-    engine = AsyncEngine(LLMEngine(path, settings.engine_config()))
+    engine = AsyncEngine(lambda: LLMEngine(path, settings.engine_config()))  # loads on the engine thread
     return ServedModel(name, engine, model_generation_defaults(engine, path))
 
 
