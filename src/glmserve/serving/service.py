@@ -43,8 +43,11 @@ class Completion:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None  # [None, {token_id: logprob}, ...] when requested
 
     def add(self, out: StreamOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.text_delta
         self.token_ids += out.new_token_ids
         if out.logprobs is not None:

@@ -5,7 +5,9 @@ model's output (whole or streamed) into `tool_calls` with finish_reason "tool_ca
 - none: no tools in the prompt (the model cannot call one), the output is plain content;
 - a named function, or required with a single tool: the prompt ends in `{name}\\n` after
   `<|assistant|>` (the call's header, prefilled), so the model can only write that call's arguments;
-- required with several tools: as auto (no constrained decoding yet; see docs/tools.md).
+- required with several tools: the model must call one of them. Each tool's call header
+  `{name}\n` is scored by the model's own log-probability after the prompt (one batched
+  request, prompt logprobs, one token each), and the likeliest header is prefilled as above.
 Models of other families keep the previous behaviour: tools go to their chat template, unparsed.
 """
 
@@ -24,6 +26,7 @@ class ToolPlan:
     tools: list | None  # what the chat template lists
     prefill: str = ""  # forced call header, already part of the prompt
     parser: GLMToolParser | None = None
+    choose_among: list[str] | None = None  # "required" with several tools: pick a header first
 
     def prompt_suffix_ids(self, tokenizer: Any) -> list[int]:
         return tokenizer.encode(self.prefill, add_special_tokens=False) if self.prefill else []
@@ -80,14 +83,34 @@ def plan_tools(tokenizer: Any, tools: list | None, tool_choice: str | dict | Non
         if forced or tool_choice == "required":
             raise InvalidRequest("forcing a tool call needs a ChatGLM3 or GLM-4 model", param="tool_choice")
         return ToolPlan(tools)
+    if tool_choice == "required" and not forced:
+        return ToolPlan(tools, "", parser, choose_among=[n for n in names if n])
     return ToolPlan(tools, f"{forced}\n" if forced else "", parser)
+
+
+async def choose_required_tool(service: Any, model: Any, prompt_ids: list[int], names: list[str]) -> str:
+    """The tool whose call header the model finds likeliest after `prompt_ids` (sum of the
+    header tokens' log-probabilities: the model's own choice, constrained to a real call)."""
+    from glmserve.engine.sampling_params import SamplingParams
+    from glmserve.serving.service import collect
+
+    headers = [model.tokenizer.encode(f"{name}\n", add_special_tokens=False) for name in names]
+    params = [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)] * len(names)
+    events = service.generate(model, [prompt_ids + h for h in headers], params)
+    completions = await collect(events, len(names))
+    start = len(prompt_ids)
+    scores = [
+        sum(entry[token] for entry, token in zip(c.prompt_logprobs[start:], header, strict=True))
+        for c, header in zip(completions, headers, strict=True)
+    ]
+    return names[max(range(len(names)), key=scores.__getitem__)]
 
 
 def _forced_name(tool_choice: str | dict | None, names: list[str | None]) -> str | None:
     if tool_choice in (None, "auto", "none"):
         return None
     if tool_choice == "required":
-        return names[0] if len(names) == 1 else None
+        return names[0] if len(names) == 1 else None  # several: chosen by choose_required_tool
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
         if name not in names:
