@@ -1,11 +1,10 @@
 """The code interpreter: real ipykernel processes, one per conversation, with limits. Timeouts are
 short so the suite stays quick; nothing asserts on durations."""
 
+import ipykernel  # noqa: F401  (a runtime dependency of the interpreter)
 import pytest
 
 from glmserve.chat.interpreter import CodeInterpreter
-
-pytest.importorskip("ipykernel")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency; the package never imports it
 from glm_checkpoints import write_tiny_checkpoint
 
 from glmserve import LLM, SamplingParams
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.models.glm import glm_rotary
-
-transformers = pytest.importorskip("transformers")  # a test dependency; the package never imports it
 
 TOL = 1e-4
 KV_CACHE_BYTES = 4 * 2**20

@@ -5,10 +5,9 @@ Both run in float32: greedy tokens must agree for at least 16 tokens and prompt 
 
 import pytest
 import torch
+import transformers  # a test dependency; the package never imports it
 
 from glmserve import LLM, SamplingParams
-
-transformers = pytest.importorskip("transformers")  # a test dependency; the package never imports it
 
 QUESTIONS = [
     "What is the capital of France?",
