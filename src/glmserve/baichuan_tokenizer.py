@@ -28,6 +28,7 @@ CONTINUATION_SENTINEL = "\n"
 
 class BaichuanTokenizer:
     chat_template = None  # the chat format is code (chat/baichuan.py), not Jinja
+    supports_input_budget = True  # apply_chat_template(max_input_tokens=...) drops old rounds
 
     def __init__(self, model_file: Path):
         import sentencepiece  # a dependency of ChatGLM2/3 and Baichuan support only

@@ -108,3 +108,17 @@ def test_baichuan_defaults_are_its_official_ones(paths):
         1.05,
     )
     assert generation_defaults("baichuan", 256, {}, vocab_size=64000).repetition_penalty == 1.1
+
+
+def test_baichuan_drops_oldest_rounds_to_fit_the_budget(server):
+    """context 256 - max_tokens 16: whole rounds beyond 240 prompt tokens are dropped, newest kept."""
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", timeout=120, max_retries=0)
+    messages = [{"role": "system", "content": "你是一个助手。"}]
+    for i in range(30):
+        messages.append({"role": "user", "content": f"第{i}个问题：今天天气怎么样？"})
+        messages.append({"role": "assistant", "content": f"第{i}个回答：今天天气很好。"})
+    messages.append({"role": "user", "content": QUESTION})
+    reply = client.chat.completions.create(model="baichuan", messages=messages, max_tokens=16, temperature=0)
+    assert 0 < reply.usage.prompt_tokens <= 256 - 16
+    with pytest.raises(openai.BadRequestError):  # ChatGLM's format has no budget: a clear 400
+        client.chat.completions.create(model="chatglm", messages=messages, max_tokens=16)

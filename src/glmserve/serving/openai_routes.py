@@ -65,11 +65,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     service = _service(request)
     model = service.model(body.model)
     plan = plan_tools(model.tokenizer, body.tools, body.tool_choice)
-    prompt_ids = service.chat_prompt_ids(model, body.message_dicts(), plan.tools)
+    options = body.sampling_options()
+    prompt_ids = service.chat_prompt_ids(model, body.message_dicts(), plan.tools, options["max_tokens"])
     if plan.choose_among:  # "required" with several tools: the model picks which one
         plan.prefill = f"{await choose_required_tool(service, model, prompt_ids, plan.choose_among)}\n"
     prompt_ids += plan.prompt_suffix_ids(model.tokenizer)  # a forced call's header
-    params = service.sampling_params(model, len(prompt_ids), **body.sampling_options())
+    params = service.sampling_params(model, len(prompt_ids), **options)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     events = service.generate(model, [prompt_ids], [params], request_id)
     if body.stream:

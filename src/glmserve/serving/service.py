@@ -77,10 +77,21 @@ class ChatService:
 
     # -- building a request ------------------------------------------------------------------------
     def chat_prompt_ids(
-        self, model: ServedModel, messages: Sequence[Mapping], tools: list | None = None
+        self,
+        model: ServedModel,
+        messages: Sequence[Mapping],
+        tools: list | None = None,
+        max_new_tokens: int | None = None,
     ) -> list[int]:
+        """Prompt ids from the model's chat format. Formats with an input budget (Baichuan's) keep
+        whole rounds, newest first, within context - max_new_tokens (half the context when the
+        request sets no max_tokens, as Baichuan's own 4096 - 2048)."""
+        options = {}
+        if getattr(model.tokenizer, "supports_input_budget", False):
+            context = model.engine.engine.max_model_len
+            options["max_input_tokens"] = context - (max_new_tokens or context // 2)
         try:
-            return model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            return model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **options)
         except (ValueError, TypeError) as error:  # the template met a message shape it cannot render
             raise InvalidRequest(f"cannot build the prompt: {error}", param="messages") from None
 
@@ -148,7 +159,7 @@ class ChatService:
     ) -> AsyncIterator[Event]:
         """A conversation through the model's chat template; options are SamplingParams fields."""
         served = self.model(model)
-        prompt_ids = self.chat_prompt_ids(served, messages, tools)
+        prompt_ids = self.chat_prompt_ids(served, messages, tools, options.get("max_tokens"))
         params = self.sampling_params(served, len(prompt_ids), max_length, **options)
         async with aclosing(self.generate(served, [prompt_ids], [params], request_id)) as events:
             async for event in events:
