@@ -87,3 +87,11 @@ def test_cli_reports_bad_values_by_flag():
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = serve(env={"GLMSERVE_MAX_QUEUE": "0"})
     assert result.returncode == 1 and "--max-queue" in result.stderr
+
+
+def test_code_running_tabs_only_for_key_holders_or_loopback():
+    from glmserve.serving.settings import ServeSettings
+
+    assert ServeSettings(host="127.0.0.1").may_run_code
+    assert ServeSettings(host="0.0.0.0", api_key=["k"]).may_run_code
+    assert not ServeSettings(host="0.0.0.0", allow_no_auth=True).may_run_code

@@ -30,10 +30,22 @@ def serve(**options: Any) -> None:
         settings.check_exposure()
         from glmserve.serving.app import create_app  # fastapi and friends: only when serving
 
-        app = create_app(settings, agent_runner=None if settings.no_ui else _agent_runner())
+        app = create_app(settings, agent_runner=_agent_runner() if _wants_agent(settings) else None)
     except (ValueError, RuntimeError) as error:  # bad names, missing model paths
         _fail(str(error))
     _run(app, settings)
+
+
+def _wants_agent(settings: ServeSettings) -> bool:
+    if settings.no_ui:
+        return False
+    if not settings.may_run_code:
+        typer.echo(
+            f"warning: no Tool / Code Interpreter tabs: {settings.host} is served without API keys, "
+            "and they run code on this machine",
+            err=True,
+        )
+    return settings.may_run_code
 
 
 def _agent_runner() -> Any:

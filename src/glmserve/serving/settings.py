@@ -107,6 +107,12 @@ class ServeSettings(BaseModel):
             "pass --api-key KEY (or GLMSERVE_API_KEY), or --allow-no-auth"
         )
 
+    @property
+    def may_run_code(self) -> bool:
+        """The UI's Tool / Code Interpreter tabs run code on this machine: only for users who hold
+        a key, or on loopback; never for anyone on the network (--allow-no-auth)."""
+        return bool(self.api_key) or is_loopback(self.host)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
