@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -123,7 +124,7 @@ class LLM:
                     request.outputs.append(completion)
                     sub_id = f"{request.request_id}-{index}"
                     owners[sub_id] = (request, completion)
-                    self.engine.add_request(sub_id, ids, p)
+                    self.engine.add_request(sub_id, ids, _choice_params(p, index))
             self._drain(owners, len(results), use_tqdm)
         except BaseException:
             for sub_id in owners:
@@ -158,6 +159,13 @@ def _accumulate(request: RequestOutput, completion: CompletionOutput, out: Strea
     request.num_cached_tokens = max(request.num_cached_tokens, out.num_cached_tokens)
     if out.finished:
         completion.finish_reason, completion.stop_reason = out.finish_reason, out.stop_reason
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice j of n draws with seed + j, so seeded choices differ yet repeat (as the server does)."""
+    if params.seed is None or index == 0:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
 
 
 def _broadcast_params(sampling_params, count: int) -> list[SamplingParams]:

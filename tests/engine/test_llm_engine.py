@@ -130,3 +130,10 @@ def test_logprobs_and_prompt_logprobs_shapes(llm):
     for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True):
         assert token in entry and all(v <= 0 for v in entry.values())
     assert completion.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(completion.token_ids, completion.logprobs, strict=True)))
+
+
+def test_seeded_n_choices_differ_and_repeat(llm):
+    params = SamplingParams(temperature=1.0, n=3, max_tokens=8, seed=7, ignore_eos=True)
+    first = [c.token_ids for c in llm.generate(PROMPTS[3], params)[0].outputs]
+    again = [c.token_ids for c in llm.generate(PROMPTS[3], params)[0].outputs]
+    assert first == again and len({tuple(t) for t in first}) > 1
