@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from glmserve.config import EngineConfig, ModelConfig
-from glmserve.engine.device import available_memory_bytes, resolve_dtype
+from glmserve.engine.device import resolve_dtype
 from glmserve.engine.gguf_int4 import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.gguf_int4 import INT4_TYPES
 from glmserve.engine.layers.linear import Linear, is_output_layer
+from glmserve.engine.layers.quant import keeps_dense_copy
 from glmserve.engine.models import model_class
 
 GIB = 2**30
@@ -76,7 +77,7 @@ def int4_bytes(numel: int, group_size: int, dtype: torch.dtype) -> int:
 def _gguf_weights_bytes(checkpoint, dtype: torch.dtype, keep_dense: bool, device: torch.device) -> int:
     tensors = checkpoint.reader.tensors
     dense = sum(int(t.n_elements) for t in tensors) * dtype.itemsize
-    keep_dense = keep_dense and dense < available_memory_bytes(device) / 4  # the loader's rule
+    keep_dense = keep_dense and keeps_dense_copy(dense, device)
     total = 0
     for t in tensors:
         numel = int(t.n_elements)

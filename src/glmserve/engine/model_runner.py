@@ -12,7 +12,7 @@ from glmserve.engine.attention_metadata import build_attention_metadata
 from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
 from glmserve.engine.layers.attention import AttentionMetadata
 from glmserve.engine.layers.linear import Linear, is_output_layer
-from glmserve.engine.layers.quant import supports_weight_only_kernels
+from glmserve.engine.layers.quant import keeps_dense_copy, supports_weight_only_kernels
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
@@ -34,7 +34,6 @@ class _Inputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    order: list[int]  # batch index of each sequence in flat order (decodes first)
     sample_rows: list[int]  # flat row of each sampling sequence's last token
     sample_seq_indices: list[int]  # batch index of each sampling sequence
     prompt_rows: list[tuple[int, int, int, int]]  # (batch index, first row, num rows, first target position)
@@ -76,7 +75,7 @@ class ModelRunner:
                 f"(got device {self.device.type}, dtype {str(self.dtype).removeprefix('torch.')})"
             )
         dense_bytes = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
-        keep_dense = quantization is None and dense_bytes < available_memory_bytes(self.device) / 4
+        keep_dense = quantization is None and keeps_dense_copy(dense_bytes, self.device)
         for path, module in self.model.named_modules():
             if isinstance(module, Linear):
                 is_head = is_output_layer(path)
@@ -209,7 +208,6 @@ class ModelRunner:
             input_ids=torch.tensor(ids, device=self.device),
             positions=torch.from_numpy(np.concatenate(positions)).to(self.device),
             meta=meta,
-            order=order,
             sample_rows=sample_rows,
             sample_seq_indices=sample_seq_indices,
             prompt_rows=prompt_rows,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glmserve.engine.device import available_memory_bytes
+
 
 @dataclass
 class Int4Weight:
@@ -109,6 +111,12 @@ def supports_weight_only_kernels(device: torch.device, dtype: torch.dtype) -> bo
     """The packed CPU kernels want bf16 activations (with fp32 ones they are ~10x slower than a
     dense GEMM); other devices are not wired yet and dequantize at load."""
     return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def keeps_dense_copy(dense_weight_bytes: int, device: torch.device) -> bool:
+    """4-bit layers also keep their dense weight for many-row steps when all dense weights take
+    under a quarter of free memory (a small model); big models stay 4-bit only."""
+    return dense_weight_bytes < available_memory_bytes(device) / 4
 
 
 def pack(weight: QuantWeight, dtype: torch.dtype) -> PackedInt4 | PackedInt8:
