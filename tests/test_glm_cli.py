@@ -12,20 +12,16 @@ def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     )
 
 
-def test_glmserve_chat_on_a_chatglm3_checkpoint(tmp_path):
-    sizes = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--ffn-hidden-size",
-        "96",
-    ]
-    tool = run("glmserve.tools.random_checkpoint", "--config", "chatglm3-6b", "--out", str(tmp_path), *sizes)
+def write_tiny_chatglm3(out) -> subprocess.CompletedProcess:
+    """A 2-layer random ChatGLM3 checkpoint with the real tokenizer, through the tool's command line."""
+    sizes = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "96"]
+    tool = run("glmserve.tools.random_checkpoint", "--config", "chatglm3-6b", "--out", str(out), *sizes)
     assert tool.returncode == 0, tool.stderr
-    assert "wrote" in tool.stdout
+    return tool
+
+
+def test_glmserve_chat_on_a_chatglm3_checkpoint(tmp_path):
+    assert "wrote" in write_tiny_chatglm3(tmp_path).stdout
     chat = run("glmserve", "chat", "--model", str(tmp_path), "--temperature", "0", "--max-length", "64",
                stdin="你好\n<|user|>再见\nstop\n")  # fmt: skip
     assert chat.returncode == 0, chat.stderr

@@ -4,22 +4,11 @@ without a tool format is refused with a clear error."""
 
 import sys
 
-from test_glm_cli import run
+from test_glm_cli import run, write_tiny_chatglm3
 
 
 def test_chat_with_tools_on_a_chatglm3_checkpoint(tmp_path):
-    sizes = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--ffn-hidden-size",
-        "96",
-    ]
-    tool = run("glmserve.tools.random_checkpoint", "--config", "chatglm3-6b", "--out", str(tmp_path), *sizes)
-    assert tool.returncode == 0, tool.stderr
+    write_tiny_chatglm3(tmp_path)
     chat = run("glmserve", "chat", "--model", str(tmp_path), "--temperature", "0", "--max-length", "600",
                "--tools", stdin="What time is it?\nclear\nstop\n")  # fmt: skip
     assert chat.returncode == 0, chat.stderr
