@@ -57,9 +57,9 @@ class BlockManager:
             hashes.append(parent)
         return hashes
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
+    def cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix of `seq`, leaving at least one token to compute
-        (the last token must run through the model to produce logits)."""
+        (the last token must run through the model to produce logits). Look up once, pass on."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
         token_ids = seq.token_ids
@@ -76,22 +76,23 @@ class BlockManager:
     # -- allocation -------------------------------------------------------------------------
     def num_cached_tokens(self, seq: Sequence) -> int:
         """How many of a waiting sequence's tokens the prefix cache already holds."""
-        return len(self._cached_prefix(seq)) * self.block_size
+        return len(self.cached_prefix(seq)) * self.block_size
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Whether `seq` can hold its computed (or cached) tokens plus `num_new_tokens`."""
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None) -> bool:
+        """Whether `seq` can hold its computed (or cached) tokens plus `num_new_tokens`.
+        `cached`: the result of cached_prefix(seq) for a waiting sequence, if already known."""
         if seq.block_table:
             needed = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
             return needed <= self.num_free_blocks
-        cached = self._cached_prefix(seq)
+        cached = self.cached_prefix(seq) if cached is None else cached
         new_blocks = self.num_blocks_for(len(cached) * self.block_size + num_new_tokens) - len(cached)
         revived = sum(1 for b in cached if self.ref_counts[b] == 0)  # leave the evictable pool
         return new_blocks + revived <= self.num_free_blocks
 
-    def allocate_prefix(self, seq: Sequence) -> None:
+    def allocate_prefix(self, seq: Sequence, cached: list[int] | None = None) -> None:
         """First allocation of a waiting sequence: take its cached prefix blocks."""
         assert not seq.block_table
-        cached = self._cached_prefix(seq)
+        cached = self.cached_prefix(seq) if cached is None else cached
         for block_id in cached:
             self._take(block_id)
         seq.block_table = list(cached)

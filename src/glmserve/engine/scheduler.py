@@ -79,12 +79,12 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_cached = self.block_manager.num_cached_tokens(seq)
-            num_new = min(seq.num_tokens - num_cached, budget)
-            if not self.block_manager.can_allocate(seq, num_new):
+            cached = self.block_manager.cached_prefix(seq)  # hashed once per admission attempt
+            num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_allocate(seq, num_new, cached):
                 break  # first-come first-served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.block_manager.allocate_prefix(seq)
+            self.block_manager.allocate_prefix(seq, cached)
             self.block_manager.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
