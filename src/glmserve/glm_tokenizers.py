@@ -131,12 +131,14 @@ class GLMTokenizer:
 
 
 class ChatGLMTokenizer(GLMTokenizer):
-    """ChatGLM2-6B / ChatGLM3-6B: SentencePiece (tokenizer.model), ids 0..64788; eos 2."""
+    """ChatGLM2-6B / ChatGLM3-6B: SentencePiece (tokenizer.model, or the serialized model as bytes),
+    ids 0..64788; eos 2."""
 
-    def __init__(self, model_file: Path, is_chatglm2: bool):
+    def __init__(self, model: Path | bytes, is_chatglm2: bool):
         import sentencepiece  # a dependency of ChatGLM2/3 support only
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        source = {"model_proto": model} if isinstance(model, bytes) else {"model_file": str(model)}
+        self.sp = sentencepiece.SentencePieceProcessor(**source)
         n = self.sp.vocab_size()
         names = CHATGLM_SPECIALS if is_chatglm2 else CHATGLM_SPECIALS + ROLE_TOKENS
         special_ids = {token: n + i for i, token in enumerate(names)}
@@ -164,12 +166,11 @@ def _chatglm2_format(messages, tools, add_generation_prompt, *, encode) -> list[
 
 
 class GLM4Tokenizer(GLMTokenizer):
-    """GLM-4-9B: byte-level BPE with tiktoken over the base64 ranks of tokenizer.model."""
+    """GLM-4-9B: byte-level BPE with tiktoken over the ranks of tokenizer.model ({token bytes: id})."""
 
-    def __init__(self, model_file: Path, special_ids: dict[str, int]):
+    def __init__(self, ranks: dict[bytes, int], special_ids: dict[str, int]):
         import tiktoken  # a dependency of GLM-4 support only
 
-        ranks = _read_tiktoken_ranks(model_file)
         self.bpe = tiktoken.Encoding(
             name="glm4", pat_str=GLM4_PATTERN, mergeable_ranks=ranks, special_tokens={}
         )
@@ -225,7 +226,7 @@ def load_glm_tokenizer(folder: Path) -> GLMTokenizer:
         raise ValueError(f"{folder} has no ChatGLM tokenizer (tokenizer.model + tokenizer_config.json)")
     model_file = folder / "tokenizer.model"
     if name == "ChatGLM4Tokenizer":
-        return GLM4Tokenizer(model_file, _glm4_special_ids(folder))
+        return GLM4Tokenizer(_read_tiktoken_ranks(model_file), _glm4_special_ids(folder))
     return ChatGLMTokenizer(model_file, is_chatglm2=_is_chatglm2(folder))
 
 

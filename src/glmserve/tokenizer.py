@@ -6,7 +6,8 @@
     tok.apply_chat_template([{"role": "user", "content": "Hi"}])   # -> list[int]
 
 Every format becomes a `tokenizers.Tokenizer`; a GGUF file's vocabulary, merges and token types
-are rebuilt into one with the pre-tokenizer llama.cpp uses for its `tokenizer.ggml.pre`.
+are rebuilt into one with the pre-tokenizer llama.cpp uses for its `tokenizer.ggml.pre`. ChatGLM's
+own formats (SentencePiece, tiktoken; folder or `chatglm` GGUF) have their classes in glm_tokenizers.py.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from gguf import TokenType
+from gguf import GGUFReader, TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from glmserve.baichuan_tokenizer import is_baichuan_tokenizer_folder, load_baichuan_tokenizer
 from glmserve.chat.template import render_chat, render_segments, special_pattern
 from glmserve.gguf_file import open_gguf_reader
+from glmserve.glm_gguf_tokenizer import is_glm_gguf, load_glm_gguf_tokenizer
 from glmserve.glm_tokenizers import is_glm_tokenizer_folder, load_glm_tokenizer
 
 # Special tokens that end a chat turn in common templates; they stop generation when present.
@@ -217,7 +219,10 @@ FOLDER_LOADERS: list[tuple[str | Callable[[Path], bool], Callable[[Path], Tokeni
 
 
 def load_gguf_tokenizer(path: Path) -> Tokenizer:
-    meta = _read_gguf_tokenizer_metadata(path)
+    reader = open_gguf_reader(path)
+    if is_glm_gguf(reader):  # ChatGLM3 / GLM-4: their own tokenizer classes and chat formats
+        return load_glm_gguf_tokenizer(reader, path.name)
+    meta = _read_gguf_tokenizer_metadata(reader)
     kind = meta.get("tokenizer.ggml.model")
     if kind not in GGUF_BUILDERS:
         raise ValueError(
@@ -241,9 +246,8 @@ def load_gguf_tokenizer(path: Path) -> Tokenizer:
     )
 
 
-def _read_gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
-    fields = open_gguf_reader(path).fields
-    return {key: field.contents() for key, field in fields.items() if key.startswith("tokenizer.")}
+def _read_gguf_tokenizer_metadata(reader: GGUFReader) -> dict[str, Any]:
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
 
 
 def _add_gguf_added_tokens(backend: tokenizers.Tokenizer, meta: dict) -> None:

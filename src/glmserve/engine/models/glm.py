@@ -107,13 +107,14 @@ class ChatGLMModel(nn.Module):
 
 class ChatGLMForCausalLM(nn.Module):
     """THUDM's layout. Real checkpoints also hold `transformer.rotary_pos_emb.inv_freq`, which
-    the loader skips: the tables are derived from the config."""
+    the loader skips: the tables are derived from the config. (THUDM's config.json has no
+    partial_rotary_factor: half; a GGUF's rope.dimension_count sets it.)"""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.transformer = ChatGLMModel(config)
-        self.rotary = glm_rotary(config)
+        self.rotary = glm_rotary(config, partial_rotary_factor(config.extra))
 
     def forward(
         self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata
