@@ -62,7 +62,7 @@ class Quantization(str, Enum):
 QuantizationOption = Annotated[
     Quantization | None,
     typer.Option(
-        help="Weight-only quantization of linear layers (CPU, bf16) [default: as in the checkpoint; "
+        help="Weight-only quantization of linear layers [default: as in the checkpoint; "
         "a GGUF's 4-bit weights stay 4-bit]",
         show_default=False,
     ),

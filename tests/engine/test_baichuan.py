@@ -251,7 +251,11 @@ def test_memory_estimate_counts_every_weight(model):
         estimate_memory(checkpoint, EngineConfig(dtype="bfloat16", quantization=q), 256)
         for q in (None, "int8")
     )
-    assert int8.weights_bytes < bf16.weights_bytes == weights // 2
+    # hidden_size 40: the CPU int8 kernel wants in_features % 16, so those layers dequantize per call
+    # into a float buffer as large as the biggest of them, the output layer.
+    config = checkpoint.config
+    buffer = config.vocab_size * config.hidden_size * 2 if config.hidden_size % 16 else 0
+    assert int8.weights_bytes - buffer < bf16.weights_bytes == weights // 2
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])

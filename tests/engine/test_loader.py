@@ -363,3 +363,35 @@ def test_hf_errors(tmp_path):
     (tmp_path / "noweights" / "config.json").write_text(json.dumps(tiny_llama_config()))
     with pytest.raises(ValueError, match="has no weights; expected one of model.safetensors"):
         open_checkpoint(tmp_path / "noweights")
+
+
+def test_read_safetensors_equals_the_library(tmp_path):
+    """Our plain-read safetensors reader (no memory map) against safetensors' own, every dtype."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from glmserve.engine.hf_loader import read_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.bf16": torch.randn(3, 5, generator=generator).bfloat16(),
+        "a.f32": torch.randn(7, generator=generator),
+        "c.f16": torch.randn(2, 2, 2, generator=generator).half(),
+        "d.i64": torch.arange(5),
+        "e.u8": torch.arange(9, dtype=torch.uint8).view(3, 3),
+        "f.bool": torch.tensor([True, False, True]),
+        "g.scalar": torch.tensor(1.5),
+        "h.empty": torch.empty(0, 4),
+    }
+    file = tmp_path / "x.safetensors"
+    save_file(tensors, file, metadata={"format": "pt"})
+    ours = dict(read_safetensors(file))
+    with safe_open(file, framework="pt") as f:
+        assert sorted(ours) == sorted(f.keys())
+        for name in f.keys():
+            assert ours[name].dtype == f.get_tensor(name).dtype
+            assert torch.equal(ours[name], f.get_tensor(name))
+
+    file.write_bytes(file.read_bytes()[:-4])  # truncated
+    with pytest.raises(ValueError, match="truncated"):
+        list(read_safetensors(file))

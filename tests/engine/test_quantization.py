@@ -1,5 +1,8 @@
 """4-bit weights: GGUF blocks are read exactly, packed matmuls match their dequantized reference,
-and the bundled model running 4-bit (its default) still answers correctly."""
+and the bundled model running 4-bit (its default) or quantized in bf16 or float32 still answers
+correctly. Kernel selection per device: test_quant_kernels.py."""
+
+import functools
 
 import gguf
 import numpy as np
@@ -81,6 +84,41 @@ def test_linear_without_dense_copy_drops_float_weight():
     assert layer.weight is None and layer(torch.randn(6, 64).bfloat16()).shape == (6, 32)
 
 
+def test_merged_linear_with_mixed_shard_kinds_is_stored_dense():
+    """A GGUF Q4_K_M file holds Q4_K and Q6_K (dequantized: float) rows in one q/k/v."""
+    layer = MergedLinear(64, [32, 16]).float()
+    four_bit, dense_part = random_int4(32, 64, 1), torch.randn(16, 64)
+    layer.load_shard("weight", dense_part, 1)  # any order
+    layer.load_shard("weight", four_bit, 0)
+    assert layer.packed is None
+    torch.testing.assert_close(layer.weight.data, torch.cat([four_bit.dequantize(), dense_part]))
+
+
+def test_int4_quantization_keeps_file_4bit_rows_and_matches_their_group_size():
+    layer = MergedLinear(64, [32, 16]).float()
+    layer.quantization, layer.group_size = "int4", 64
+    four_bit, dense_part = random_int4(32, 64, 1), torch.randn(16, 64)
+    layer.load_shard("weight", four_bit, 0)
+    layer.load_shard("weight", dense_part, 1)
+    expected = torch.cat([four_bit.dequantize(), Int4Weight.quantize(dense_part, 32).dequantize()])
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ expected.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_quantization_equals_whole_matrix(monkeypatch):
+    from glmserve.engine.layers import quant
+
+    w = torch.randn(37, 128, generator=torch.Generator().manual_seed(3))
+    original = w.clone()
+    whole4, whole8 = Int4Weight.quantize(w, 32), Int8Weight.quantize(w)
+    assert torch.equal(w, original)  # float32 input: quantizing works on copies
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK", 128 * 5)  # 5 rows per chunk, the last one short
+    chunked4, chunked8 = Int4Weight.quantize(w, 32), Int8Weight.quantize(w)
+    for a, b in ((whole4.q, chunked4.q), (whole4.scale, chunked4.scale), (whole4.minimum, chunked4.minimum),
+                 (whole8.q, chunked8.q), (whole8.scale, chunked8.scale)):  # fmt: skip
+        assert torch.equal(a, b)
+
+
 def test_bundled_model_runs_4bit_by_default_and_answers():
     llm = LLM(kv_cache_memory=32 * 2**20)  # auto dtype: bf16 here, Q4_1 weights kept 4-bit
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
@@ -111,41 +149,38 @@ def test_int8_linear_matches_dequantized_reference():
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
-@pytest.fixture(scope="module")
-def prompt_logprobs_by_scheme():
-    """Prompt logprobs of one chat prompt under each scheme (bf16 activations)."""
+@functools.cache
+def prompt_logprobs(dtype: str, scheme: str) -> tuple[torch.Tensor, str, set[str]]:
+    """Prompt logprobs of one chat prompt, the answer, and the stored forms of the linear layers."""
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     params = SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=0)
-    results = {}
-    for scheme in ("none", "int8", "int4"):
-        llm = LLM(dtype="bfloat16", quantization=scheme, kv_cache_memory=32 * 2**20)
-        ids = llm.get_tokenizer().apply_chat_template(messages)
-        out = llm.generate({"prompt_token_ids": ids}, params)[0]
-        logprobs = torch.tensor([e[t] for e, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)])
-        results[scheme] = (logprobs, out.outputs[0].text)
-    return results
+    llm = LLM(dtype=dtype, quantization=scheme, kv_cache_memory=32 * 2**20)
+    ids = llm.get_tokenizer().apply_chat_template(messages)
+    out = llm.generate({"prompt_token_ids": ids}, params)[0]
+    logprobs = torch.tensor([e[t] for e, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)])
+    forms = {type(m.packed).__name__ for m in llm.engine.runner.model.modules() if isinstance(m, Linear)}
+    return logprobs, out.outputs[0].text, forms
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_model_logprobs_close_to_bf16(prompt_logprobs_by_scheme, scheme):
-    """Tolerances (documented in docs/quantization.md): on the bundled model, prompt logprobs of the
-    quantized schemes differ from bf16 by < 0.25 nats on average and < 1.5 at worst; int8 here
-    re-quantizes the GGUF's 4-bit weights, int4 keeps them with bf16 scales."""
-    reference, _ = prompt_logprobs_by_scheme["none"]
-    logprobs, text = prompt_logprobs_by_scheme[scheme]
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_quantized_model_logprobs_close_to_dense(dtype, scheme):
+    """Tolerances (documented in docs/engine.md): on the bundled model, prompt logprobs of the
+    quantized schemes differ from the dense model in the same dtype by < 0.25 nats on average and
+    < 1.5 at worst; int8 here re-quantizes the GGUF's 4-bit weights, int4 keeps them (with bf16
+    scales in bf16). bf16 runs the CPU packed kernels, float32 dequantizes per call."""
+    reference, _, _ = prompt_logprobs(dtype, "none")
+    logprobs, text, forms = prompt_logprobs(dtype, scheme)
+    expected_forms = {("bfloat16", "int8"): {"PackedInt8"}, ("bfloat16", "int4"): {"PackedInt4"}}
+    assert forms == expected_forms.get((dtype, scheme), {f"Dequant{scheme.capitalize()}"})
     diff = (logprobs - reference).abs()
     assert diff.mean() < 0.25 and diff.max() < 1.5
     assert "Paris" in text
 
 
-def test_quantization_needs_cpu_bf16(bundled_gguf):
-    with pytest.raises(ValueError, match="bfloat16"):
-        LLM(bundled_gguf, dtype="float32", quantization="int8", kv_cache_memory=2**24)
-
-
 @pytest.mark.parametrize("in_features", [40, 56, 64, 72])
 def test_int8_layers_of_any_width_are_correct(in_features):
-    """The CPU int8 kernel is only right for in_features % 16 == 0; other widths fall back to dense."""
+    """The CPU int8 kernel is only right for in_features % 16 == 0; other widths dequantize per call."""
     layer = Linear(in_features, 32).bfloat16()
     layer.quantization = "int8"
     w = torch.randn(32, in_features)

@@ -1,7 +1,9 @@
 """Hugging Face checkpoint folders (config.json + safetensors or .bin shards) -> ModelConfig + tensors.
 
-Shards are opened one at a time and tensors read one at a time (safetensors `safe_open`,
-`torch.load(mmap=True)`), so peak memory stays near one model in the target dtype.
+Shards are opened one at a time and tensors read one at a time, so peak memory stays near one
+model in the target dtype: safetensors tensors are read into their own buffers (no memory map, whose
+touched pages would count as resident until the whole shard is done), `.bin` shards through
+`torch.load(mmap=True)`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from glmserve.config import ModelConfig
 
@@ -137,9 +138,13 @@ def _check_chatglm_variant(config: dict[str, Any]) -> None:
             "config.json (model_type 'chatglm') has no padded_vocab_size: the first-generation "
             "ChatGLM-6B is not supported (ChatGLM2-6B, ChatGLM3-6B and GLM-4 are)"
         )
-    wrong = {key: config[key] for key, value in CHATGLM_REQUIRED_FLAGS.items() if config.get(key, value) != value}
+    wrong = {
+        key: config[key] for key, value in CHATGLM_REQUIRED_FLAGS.items() if config.get(key, value) != value
+    }
     if wrong:
-        raise ValueError(f"unsupported ChatGLM variant: config.json has {wrong}, expected {CHATGLM_REQUIRED_FLAGS}")
+        raise ValueError(
+            f"unsupported ChatGLM variant: config.json has {wrong}, expected {CHATGLM_REQUIRED_FLAGS}"
+        )
 
 
 def _chatglm_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -210,10 +215,39 @@ def find_weight_files(folder: Path) -> tuple[str, tuple[Path, ...]]:
     raise ValueError(f"{folder} has no weights; expected one of {expected}")
 
 
+# safetensors dtype names (https://github.com/huggingface/safetensors, format spec) -> torch.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
 def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    with safe_open(file, framework="pt", device="cpu") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name)
+    """Tensors in file order, each read into a fresh tensor with plain reads.
+
+    The format: an 8-byte little-endian header length, a JSON header mapping names to
+    {dtype, shape, data_offsets [begin, end)} relative to the end of the header, then the data.
+    """
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{file.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if tensor.nbytes != end - begin:
+                raise ValueError(
+                    f"{file.name}: tensor {name!r} has {end - begin} bytes, its shape needs {tensor.nbytes}"
+                )
+            f.seek(base + begin)
+            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
+                raise ValueError(f"{file.name} is truncated (tensor {name!r})")
+            yield name, tensor
 
 
 def read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -3,7 +3,9 @@
 Used by `glmserve estimate` and at engine start (logged, and a configuration that cannot fit is
 refused with the numbers). Weights follow the same policy as the loader: linear layers in the
 chosen scheme (the output layer int8 under int8/int4), everything else in the compute dtype, a
-GGUF's 4-bit layers kept 4-bit by default (plus a dense copy on small models).
+GGUF's 4-bit layers kept 4-bit by default (plus a dense copy on small models). Each quantized layer
+is counted in the form `select_kernel` gives it on the device; layers that dequantize per call also
+need the float buffer of the largest of them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from glmserve.engine.device import resolve_dtype
 from glmserve.engine.gguf_int4 import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.gguf_int4 import INT4_TYPES
 from glmserve.engine.layers.linear import Linear, is_output_layer
-from glmserve.engine.layers.quant import keeps_dense_copy
+from glmserve.engine.layers.quant import keeps_dense_copy, quantized_bytes, select_kernel
 from glmserve.engine.models import model_class
 
 GIB = 2**30
@@ -59,7 +61,7 @@ def estimate_memory(checkpoint, engine_config: EngineConfig, max_model_len: int)
     if checkpoint.format == "gguf" and quantization in (None, "int4"):
         weights = _gguf_weights_bytes(checkpoint, dtype, keep_dense=quantization is None, device=device)
     else:
-        weights = _model_weights_bytes(checkpoint.config, dtype, quantization, group_size)
+        weights = _model_weights_bytes(checkpoint.config, dtype, quantization, group_size, device)
     return MemoryEstimate(
         weights_bytes=weights,
         kv_bytes_per_token=kv_bytes_per_token(checkpoint.config, dtype),
@@ -70,38 +72,80 @@ def estimate_memory(checkpoint, engine_config: EngineConfig, max_model_len: int)
     )
 
 
-def int4_bytes(numel: int, group_size: int, dtype: torch.dtype) -> int:
-    return numel // 2 + (numel // group_size) * 2 * dtype.itemsize  # nibbles + scale and zero per group
+@dataclass
+class _WeightBytes:
+    """Bytes stored, plus the one float buffer that layers dequantizing per call share."""
+
+    device: torch.device
+    dtype: torch.dtype
+    stored: int = 0
+    buffer: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.stored + self.buffer
+
+    def add_dense(self, numel: int) -> None:
+        self.stored += numel * self.dtype.itemsize
+
+    def add_quantized(self, scheme: str, shape: tuple[int, int], group_size: int, keep_dense: bool) -> None:
+        """One linear weight [N, K], stored as Linear._store_weight stores it."""
+        dense = shape[0] * shape[1] * self.dtype.itemsize
+        quantized = quantized_bytes(scheme, shape, group_size, self.dtype)
+        kernel = select_kernel(scheme, shape, self.device, self.dtype, group_size)
+        if keep_dense:
+            self.stored += dense + (quantized if kernel.is_fused else 0)
+            return
+        self.stored += quantized
+        if not kernel.is_fused:
+            self.buffer = max(self.buffer, dense)
+
+
+# llama.cpp names of the projections every model here holds merged (its packed_modules): one Linear.
+GGUF_MERGED = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "ffn_gate": "ffn_up"}
 
 
 def _gguf_weights_bytes(checkpoint, dtype: torch.dtype, keep_dense: bool, device: torch.device) -> int:
     tensors = checkpoint.reader.tensors
     dense = sum(int(t.n_elements) for t in tensors) * dtype.itemsize
     keep_dense = keep_dense and keeps_dense_copy(dense, device)
-    total = 0
-    for t in tensors:
-        numel = int(t.n_elements)
-        if t.tensor_type in INT4_TYPES and len(t.shape) == 2 and dtype == torch.bfloat16:
-            total += int4_bytes(numel, GGUF_GROUP_SIZE, dtype) + (numel * dtype.itemsize if keep_dense else 0)
+    weights = _WeightBytes(device, dtype)
+    for group in _gguf_linear_groups(tensors).values():
+        if all(t.tensor_type in INT4_TYPES for t in group):
+            # GGUF lists dimensions innermost first: [K, N]
+            shape = (sum(int(t.shape[1]) for t in group), int(group[0].shape[0]))
+            weights.add_quantized("int4", shape, GGUF_GROUP_SIZE, keep_dense)
         else:
-            total += numel * dtype.itemsize
-    return total
+            weights.add_dense(sum(int(t.n_elements) for t in group))
+    return weights.total
 
 
-def _model_weights_bytes(config: ModelConfig, dtype: torch.dtype, quantization: str | None, group_size: int) -> int:
+def _gguf_linear_groups(tensors) -> dict[str, list]:
+    """Tensors as the model holds them: 'blk.3.attn_qkv' -> [attn_q, attn_k, attn_v]; every other
+    tensor alone (the embedding, 1-D, and the 2-D weights of unmerged layers)."""
+    groups: dict[str, list] = {}
+    for t in tensors:
+        stem, _, kind = t.name.rpartition(".")
+        prefix, _, part = stem.rpartition(".")
+        is_linear = len(t.shape) == 2 and t.name != "token_embd.weight"  # the embedding loads dense
+        key = f"{prefix}.{GGUF_MERGED.get(part, part)}.{kind}" if is_linear else t.name
+        groups.setdefault(key, []).append(t)
+    return groups
+
+
+def _model_weights_bytes(
+    config: ModelConfig, dtype: torch.dtype, quantization: str | None, group_size: int, device: torch.device
+) -> int:
     with torch.device("meta"):
         model = model_class(config)(config)
-    total = 0
+    weights = _WeightBytes(device, dtype)
     for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            numel = param.numel()
             scheme = quantization if isinstance(module, Linear) and name == "weight" else None
             if scheme in ("int8", "int4") and is_output_layer(path):
                 scheme = "int8"
-            if scheme == "int8":
-                total += numel + module.out_features * dtype.itemsize
-            elif scheme == "int4":
-                total += int4_bytes(numel, group_size, dtype)
+            if scheme in ("int8", "int4"):
+                weights.add_quantized(scheme, tuple(param.shape), group_size, keep_dense=False)
             else:
-                total += numel * dtype.itemsize
-    return total
+                weights.add_dense(param.numel())
+    return weights.total

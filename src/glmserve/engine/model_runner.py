@@ -12,7 +12,7 @@ from glmserve.engine.attention_metadata import build_attention_metadata
 from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
 from glmserve.engine.layers.attention import AttentionMetadata
 from glmserve.engine.layers.linear import Linear, is_output_layer
-from glmserve.engine.layers.quant import keeps_dense_copy, supports_weight_only_kernels
+from glmserve.engine.layers.quant import keeps_dense_copy
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
@@ -65,15 +65,11 @@ class ModelRunner:
         the output layer is int8 under int8 and int4 (per-channel int8 keeps logits close, and it
         is the largest matrix); the other linear layers take the chosen scheme. With no choice,
         a GGUF's 4-bit layers also keep a dense copy for batched steps when all dense weights take
-        under a quarter of free memory (a small model).
+        under a quarter of free memory (a small model). Any device and dtype: each layer picks its
+        kernel when its weight arrives (layers/quant.py, select_kernel).
         """
         if quantization not in (None, "none", "int8", "int4"):
             raise ValueError(f"quantization must be none, int8 or int4; got {quantization!r}")
-        if quantization in ("int8", "int4") and not supports_weight_only_kernels(self.device, self.dtype):
-            raise ValueError(
-                f"--quantization {quantization} runs on CPU with bfloat16 activations for now "
-                f"(got device {self.device.type}, dtype {str(self.dtype).removeprefix('torch.')})"
-            )
         dense_bytes = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
         keep_dense = quantization is None and keeps_dense_copy(dense_bytes, self.device)
         for path, module in self.model.named_modules():

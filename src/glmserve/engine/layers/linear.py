@@ -3,8 +3,9 @@
 `MergedLinear` holds several projections of the same input as one matrix (q/k/v, gate/up),
 so a step runs one GEMM instead of several; `load_shard` copies a checkpoint tensor into
 its rows. Weight-only quantization happens here, shard by shard as tensors load: a weight that
-arrives 4-bit (a GGUF's) or is quantized on arrival (`quantization`) is packed for the int4 /
-int8 kernels once all its shards are in, and the float weight, never written, is dropped.
+arrives 4-bit (a GGUF's) or is quantized on arrival (`quantization`) is stored, once all its shards
+are in, in the form `quant.select_kernel` picks for the device and dtype, and the float weight,
+never written, is dropped.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmserve.engine.layers.quant import (
+    DequantInt4,
+    DequantInt8,
     Int4Weight,
     Int8Weight,
     PackedInt4,
+    PackedInt4Cuda,
     PackedInt8,
     QuantWeight,
-    can_pack,
-    pack,
+    kernel_for,
 )
 
 # The CPU int4/int8 kernels beat bf16 GEMM for a few rows (decode of 1-4 sequences) and lose
 # at 16 rows (measured on this 2-core Zen 4: 1536x576, 16 rows: int4 228 us, bf16 68 us), so a
-# layer that also holds its dense weight uses it for bigger steps.
+# layer that also holds its dense weight uses it for bigger steps. CUDA's tinygemm likewise grows
+# about linearly with rows (4096x4096 on an A6000: 0.04 ms at 16 rows, 2.2 ms at 1024, per
+# torchao's prototype/hqq README).
 MAX_INT4_ROWS = 4
 
 
@@ -43,12 +48,12 @@ class Linear(nn.Module):
         self.output_sizes = [out_features]
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed: PackedInt4 | PackedInt8 | None = None
+        self.packed: PackedInt4 | PackedInt8 | PackedInt4Cuda | DequantInt4 | DequantInt8 | None = None
         # Set by the loader before weights arrive:
         self.quantization: str | None = None  # "int8" | "int4": quantize float weights as they load
         self.group_size = 64  # int4 group size for quantize-on-load
         self.keep_dense_copy = False  # also keep the float weight for many-row steps (small models)
-        self._pending: dict[int, QuantWeight] = {}
+        self._pending: dict[int, torch.Tensor | QuantWeight] = {}  # weight shards not yet stored
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and (self.weight is None or x.shape[0] <= MAX_INT4_ROWS):
@@ -57,35 +62,66 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, tensor: torch.Tensor | QuantWeight, shard: int = 0) -> None:
-        """Copy one checkpoint tensor into rows `shard` of the weight (or bias)."""
+        """Take one checkpoint tensor for rows `shard` of the weight (or bias). Weight shards are
+        held until all of a merged layer's have arrived: their kinds decide how it is stored."""
         size = self.output_sizes[shard]
         if tensor.shape[0] != size:
             raise ValueError(f"shard {shard} has {tensor.shape[0]} rows, expected {size}")
-        if param_name == "weight" and isinstance(tensor, torch.Tensor) and self.quantization:
-            tensor = self._quantize(tensor)
-        if isinstance(tensor, Int4Weight | Int8Weight):
-            self._load_quantized_shard(tensor, shard)
+        if param_name != "weight":
+            start = sum(self.output_sizes[:shard])
+            getattr(self, param_name).data[start : start + size].copy_(tensor)
             return
-        start = sum(self.output_sizes[:shard])
-        getattr(self, param_name).data[start : start + size].copy_(tensor)
+        self._pending[shard] = tensor
+        if len(self._pending) == len(self.output_sizes):
+            parts = [self._pending.pop(i) for i in range(len(self.output_sizes))]
+            self._store_weight(parts)
 
-    def _quantize(self, tensor: torch.Tensor) -> QuantWeight:
+    def _store_weight(self, parts: list[torch.Tensor | QuantWeight]) -> None:
+        merged = self._merge_quantized(parts)
+        if merged is None:
+            start = 0
+            for part in parts:
+                self.weight.data[start : start + part.shape[0]].copy_(_dense(part))
+                start += part.shape[0]
+            return
+        merged = merged.to(self.weight.device)
+        kernel = kernel_for(merged, self.weight.device, self.weight.dtype)
+        if self.keep_dense_copy:
+            self.weight.data.copy_(merged.dequantize())
+            if kernel.is_fused:  # for few-row steps; dequantizing per call never beats the dense copy
+                self.packed = kernel.from_weight(merged, self.weight.dtype)
+            return
+        self.packed = kernel.from_weight(merged, self.weight.dtype)
+        self.weight = None  # never written: its pages were never touched
+
+    def _merge_quantized(self, parts: list[torch.Tensor | QuantWeight]) -> QuantWeight | None:
+        """The whole weight in one quantized form, or None to store it dense.
+
+        With `quantization`, float parts are quantized here; a part that came 4-bit from the file
+        is kept exactly and sets the group size of the others. Without it, parts that all came in
+        the same 4-bit (or 8-bit) form stay so; float parts, or a mix (a GGUF Q4_K_M file has Q4_K
+        and Q6_K rows in one q/k/v), are stored dense.
+        """
+        device = self.weight.device
         if self.quantization == "int8":
-            return Int8Weight.quantize(tensor)
-        return Int4Weight.quantize(tensor, self.group_size)
+            return Int8Weight.concat(
+                [p if isinstance(p, Int8Weight) else Int8Weight.quantize(_dense(p).to(device)) for p in parts]
+            )
+        if self.quantization == "int4":
+            group = next((p.group_size for p in parts if isinstance(p, Int4Weight)), self.group_size)
+            return Int4Weight.concat([
+                p if isinstance(p, Int4Weight) and p.group_size == group
+                else Int4Weight.quantize(_dense(p).to(device), group)
+                for p in parts
+            ])  # fmt: skip
+        kinds = {(type(p), getattr(p, "group_size", None)) for p in parts}
+        if len(kinds) == 1 and isinstance(parts[0], Int4Weight | Int8Weight):
+            return type(parts[0]).concat(parts)
+        return None
 
-    def _load_quantized_shard(self, weight: QuantWeight, shard: int) -> None:
-        self._pending[shard] = weight
-        if len(self._pending) < len(self.output_sizes):
-            return  # wait for the other projections of a merged layer
-        merged = type(weight).concat([self._pending[i] for i in range(len(self.output_sizes))])
-        self._pending = {}
-        if can_pack(merged, self.weight.device, self.weight.dtype):
-            self.packed = pack(merged, self.weight.dtype)
-            if not self.keep_dense_copy:
-                self.weight = None  # never written: its pages were never touched
-                return
-        self.weight.data.copy_(merged.dequantize())
+
+def _dense(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
+    return weight.dequantize() if isinstance(weight, Int4Weight | Int8Weight) else weight
 
 
 class MergedLinear(Linear):

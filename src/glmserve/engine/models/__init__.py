@@ -37,8 +37,10 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     """Allocate the model's parameters uninitialised (they are all loaded next)."""
     with torch.device("meta"):
         model = model_class(config)(config)
-    model.to_empty(device=device)
+    # Cast on the meta device, then allocate: casting allocated weights would write (and so make
+    # resident) every page, including those of layers that are quantized and never use them.
     model.to(dtype)
+    model.to_empty(device=device)
     for module in model.modules():  # tables computed in __init__ were lost on the meta device
         if isinstance(module, RotaryEmbedding):
             module.build_tables(device)
