@@ -188,3 +188,12 @@ def test_int8_layers_of_any_width_are_correct(in_features):
     x = torch.randn(3, in_features).bfloat16()
     expected = x.float() @ Int8Weight.quantize(w).dequantize().t()
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_int4_packing_in_row_blocks_equals_whole_matrix(monkeypatch):
+    from glmserve.engine.layers import quant
+
+    weight = random_int4(64 * 5 + 32, 128)  # the last block is short
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK", 128 * 64)  # 64 rows per block
+    assert torch.equal(PackedInt4.from_weight(weight, torch.bfloat16).packed, whole)

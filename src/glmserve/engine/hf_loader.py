@@ -9,7 +9,7 @@ touched pages would count as resident until the whole shard is done), `.bin` sha
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ CONFIG_KEYS = {
 }
 OPTIONAL_FIELDS = frozenset({"head_dim", "rms_norm_eps", "max_position_embeddings"})
 
+# Embedding and output layer names: Llama / Baichuan, ChatGLM.
+VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "word_embeddings.weight", "output_layer.weight")
+
 # (format, single file, shard index), in order of preference.
 WEIGHT_LAYOUTS = (
     ("safetensors", "model.safetensors", "model.safetensors.index.json"),
@@ -52,11 +55,22 @@ class HFCheckpoint:
     def iter_tensors(self, dtype: torch.dtype, keep_int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name, tensor), float tensors in `dtype`, one shard and one tensor at a time.
         (`keep_int4` concerns 4-bit GGUF blocks; these checkpoints hold float tensors.)"""
-        read = read_safetensors if self.format == "safetensors" else read_bin
+        for name, tensor in self._read_all():
+            if not self._is_skipped(name):
+                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def _read_all(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.format == "bin":
+            for file in self.weight_files:
+                yield from read_bin(file)
+            return
+        # The vocabulary-sized tensors (embedding, output layer: the biggest, never merged) go first,
+        # while little is resident, so their transient copies (the read tensor, its quantized form)
+        # do not add to the peak at the end of loading.
         for file in self.weight_files:
-            for name, tensor in read(file):
-                if not self._is_skipped(name):
-                    yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+            yield from read_safetensors(file, lambda name: name.endswith(VOCAB_TENSOR_SUFFIXES))
+        for file in self.weight_files:
+            yield from read_safetensors(file, lambda name: not name.endswith(VOCAB_TENSOR_SUFFIXES))
 
     def _is_skipped(self, name: str) -> bool:
         # Old Llama checkpoints saved the RoPE inv_freq buffer (derived from config); some tied
@@ -223,8 +237,8 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors in file order, each read into a fresh tensor with plain reads.
+def read_safetensors(file: Path, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors (those `wanted`, default all) in file order, each read into a fresh tensor with plain reads.
 
     The format: an 8-byte little-endian header length, a JSON header mapping names to
     {dtype, shape, data_offsets [begin, end)} relative to the end of the header, then the data.
@@ -235,6 +249,8 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         header.pop("__metadata__", None)
         base = 8 + header_len
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if wanted is not None and not wanted(name):
+                continue
             dtype = SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise ValueError(f"{file.name}: tensor {name!r} has unsupported dtype {info['dtype']}")

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from glmserve.config import ModelConfig
+from glmserve.engine.hf_loader import read_safetensors
 from glmserve.engine.layers.linear import Linear, is_output_layer
 from glmserve.engine.layers.quant import Int4Weight, Int8Weight
 from glmserve.engine.models import model_class
@@ -42,14 +42,21 @@ class QuantizedCheckpoint:
     format: str = "glmserve-quantized"
 
     def iter_tensors(self, dtype: torch.dtype, keep_int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8Weight]]:
-        with safe_open(self.path / WEIGHTS_FILE, framework="pt") as f:
-            parts = {key.rsplit(".", 1)[0] for key in f.keys() if key.endswith(".qweight")}
-            for name in self.quantized:
-                yield name, _read_quantized(f, name, self.quantized[name], self.group_size)
-            for key in f.keys():
-                if key.rsplit(".", 1)[0] not in parts:
-                    tensor = f.get_tensor(key)
-                    yield key, tensor.to(dtype) if tensor.is_floating_point() else tensor
+        """Tensors in file order, read into their own memory (not views of a memory map that closes);
+        a quantized weight is yielded once all its parts (qweight, scales, mins) have been read."""
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in read_safetensors(self.path / WEIGHTS_FILE):
+            name, _, part = key.rpartition(".")
+            scheme = self.quantized.get(name)
+            if scheme is None:
+                yield key, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                continue
+            parts = pending.setdefault(name, {})
+            parts[part] = tensor
+            if len(parts) == (2 if scheme == "int8" else 3):
+                yield name, _quantized_weight(pending.pop(name), scheme, self.group_size)
+        if pending:
+            raise ValueError(f"{self.path / WEIGHTS_FILE}: incomplete quantized tensors {sorted(pending)[:3]}")
 
 
 def is_quantized_folder(path: Path) -> bool:
@@ -63,12 +70,12 @@ def open_quantized(path: Path, config: ModelConfig) -> QuantizedCheckpoint:
     return QuantizedCheckpoint(path, config, dict(meta["tensors"]), int(meta["group_size"]), meta["quantization"])
 
 
-def _read_quantized(f, name: str, scheme: str, group_size: int) -> Int4Weight | Int8Weight:
-    packed, scales = f.get_tensor(f"{name}.qweight"), f.get_tensor(f"{name}.scales")
+def _quantized_weight(parts: dict[str, torch.Tensor], scheme: str, group_size: int) -> Int4Weight | Int8Weight:
+    packed, scales = parts["qweight"], parts["scales"]
     if scheme == "int8":
         return Int8Weight(packed, scales)
     q = torch.stack([packed & 0x0F, packed >> 4], -1).flatten(-2)  # [N, K/2] -> [N, K]
-    return Int4Weight(q, scales, f.get_tensor(f"{name}.mins"), group_size)
+    return Int4Weight(q, scales, parts["mins"], group_size)
 
 
 def linear_schemes(config: ModelConfig, quantization: str) -> dict[str, str]:

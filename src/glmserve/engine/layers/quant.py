@@ -76,6 +76,8 @@ class Int4Weight:
         sizes = {p.group_size for p in parts}
         if len(sizes) != 1:
             raise ValueError(f"cannot merge 4-bit shards with group sizes {sorted(sizes)}")
+        if len(parts) == 1:
+            return parts[0]  # no copy of a big layer's weight
         return Int4Weight(
             torch.cat([p.q for p in parts]),
             torch.cat([p.scale for p in parts]),
@@ -114,6 +116,8 @@ class Int8Weight:
 
     @staticmethod
     def concat(parts: list[Int8Weight]) -> Int8Weight:
+        if len(parts) == 1:
+            return parts[0]  # no copy of a big layer's weight
         return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
 
 
@@ -184,8 +188,15 @@ class PackedInt4:
 
     @staticmethod
     def from_weight(weight: Int4Weight, dtype: torch.dtype) -> PackedInt4:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
-        return PackedInt4(packed, _scales_and_zeros(weight, dtype), weight.group_size, weight.shape[0])
+        # The kernel packs rows in independent blocks of 64, so blocks of rows convert separately:
+        # the int32 input the op wants is then a bounded temporary, not 4 bytes per weight at once.
+        n, k = weight.shape
+        rows = max(64, QUANTIZE_CHUNK // k // 64 * 64)
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        for start in range(0, n, rows):
+            block = weight.q[start : start + rows].to(torch.int32)
+            packed[start : start + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1)
+        return PackedInt4(packed, _scales_and_zeros(weight, dtype), weight.group_size, n)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N]."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from glmserve.config import ModelConfig
+from glmserve.engine.device import release_freed_memory
 from glmserve.engine.layers.attention import PagedAttention, alibi_slopes
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.quant import Int4Weight
@@ -55,6 +56,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | I
     expected = _expected_keys(model)
     loaded: set[tuple[str, str, int]] = set()
     packed = getattr(model, "packed_modules", {})
+    device = next(model.parameters()).device
     for name, tensor in tensors:
         module_path, param_name, shard = _target(name, packed)
         module = _submodule(model, module_path, name)
@@ -63,6 +65,9 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | I
         else:
             _copy_param(module, param_name, tensor, name)
         loaded.add((module_path, param_name, shard))
+        del tensor
+        if device.type == "cpu":
+            release_freed_memory()
     missing = sorted(expected - loaded)
     if missing:
         examples = [f"{m}.{p}" + (f" (part {s})" if s else "") for m, p, s in missing[:3]]
