@@ -1,14 +1,18 @@
-"""ChatGLM3-6B shape, random weights, bf16: glmserve vs transformers' GlmForCausalLM on the same weights.
+"""ChatGLM3-6B shape, random weights: glmserve bf16 / int8 / int4 vs transformers bf16 on the same weights.
 
     .venv/bin/python benchmarks/glm_shape.py [--dir /tmp/glmserve-bench/chatglm3-6b] [--num-layers 28]
-        [--prompt-tokens 256] [--new-tokens 32] [--runs 3]
+        [--prompt-tokens 256] [--new-tokens 32] [--runs 3] [--only glmserve-int4 ...]
 
 Writes (or reuses) a random checkpoint of the real ChatGLM3-6B config in THUDM's layout
-(safetensors shards, bf16, ~12.5 GB at full size; --num-layers scales it down), then measures in
-one subprocess per implementation, never both in memory at once:
+(safetensors shards, bf16, ~12.5 GB at full size; --num-layers scales it down), then measures each
+configuration in its own subprocess, never two models in memory at once:
 - prefill tok/s: one prompt of --prompt-tokens, to the first token (prefix caching off);
 - decode tok/s: --new-tokens single-stream greedy steps after the first token;
-- peak RSS of the process (load included) and the load time.
+- peak RSS while loading, RSS in steady state (after the runs) and peak RSS overall, and load time;
+- decode against the memory-bandwidth limit: the bytes of weights one decode step reads (as each
+  layer stores them; the embedding reads one row) divided into this machine's read bandwidth
+  (measured here: a sum over a 2 GiB buffer, all threads) gives the tok/s a step could reach if
+  it only streamed the weights; the table shows the measured decode as a fraction of that.
 The transformers model is built on the meta device and takes the same tensors (q/k/v split from
 query_key_value, dense_h_to_4h as gate_up_proj). Prints one table and writes
 benchmarks/results/glm_shape.json. Run it on an otherwise idle machine.
@@ -69,14 +73,54 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def current_rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib / 2**20
+
+
+def read_bandwidth_gbs(gib: int = 2, runs: int = 5) -> float:
+    """Bytes per second a reduction streams from memory (float32, all threads), in GB/s."""
+    torch.set_num_threads(num_physical_cores())
+    buffer = torch.ones(gib * 2**28)  # gib GiB of float32, pages made resident by the fill
+
+    def once() -> float:
+        start = time.perf_counter()
+        buffer.sum()
+        return buffer.nbytes / (time.perf_counter() - start) / 1e9
+
+    once()
+    return median_of(runs, once)
+
+
+def decode_weight_bytes(model: torch.nn.Module, embedding: torch.nn.Module) -> int:
+    """Bytes of weights one single-token step reads: every parameter as stored (packed 4/8-bit
+    layers by their packed tensors), the embedding by one row."""
+    from glmserve.engine.layers.linear import Linear
+
+    total = embedding.weight[0].nbytes
+    for module in model.modules():
+        if module is embedding:
+            continue
+        if isinstance(module, Linear) and module.packed is not None:
+            total += sum(t.nbytes for t in vars(module.packed).values() if isinstance(t, torch.Tensor))
+            total += module.bias.nbytes if module.bias is not None else 0
+        else:
+            total += sum(p.nbytes for p in module.parameters(recurse=False) if p is not None)
+    return total
+
+
 # ---------------------------------------------------------------- workers (one per process)
 
 
-def run_glmserve(folder: Path, n_prompt: int, n_new: int, runs: int) -> dict:
+def run_glmserve(folder: Path, n_prompt: int, n_new: int, runs: int, quantization: str) -> dict:
     start = time.perf_counter()
-    llm = LLM(folder, dtype="bfloat16", kv_cache_memory=256 * 2**20, max_model_len=n_prompt + n_new + 16,
-              enable_prefix_caching=False)  # fmt: skip
+    llm = LLM(folder, dtype="bfloat16", quantization=quantization, kv_cache_memory=256 * 2**20,
+              max_model_len=n_prompt + n_new + 16, enable_prefix_caching=False)  # fmt: skip
     load_s = time.perf_counter() - start
+    load_peak = peak_rss_gib()
+    model = llm.engine.runner.model
+    weight_bytes = decode_weight_bytes(model, model.transformer.embedding.word_embeddings)
     seeds = iter(range(1, 1000))
 
     def prefill() -> float:
@@ -95,8 +139,11 @@ def run_glmserve(folder: Path, n_prompt: int, n_new: int, runs: int) -> dict:
     )  # warm-up
     return {
         "load_s": load_s,
+        "load_peak_rss_gib": load_peak,
         "prefill_tok_s": median_of(runs, prefill),
         "decode_tok_s": median_of(runs, decode),
+        "steady_rss_gib": current_rss_gib(),
+        "decode_weight_bytes": weight_bytes,
     }
 
 
@@ -121,6 +168,8 @@ def run_transformers(folder: Path, n_prompt: int, n_new: int, runs: int) -> dict
     start = time.perf_counter()
     model = load_transformers(folder)
     load_s = time.perf_counter() - start
+    load_peak = peak_rss_gib()
+    weight_bytes = decode_weight_bytes(model, model.model.embed_tokens)
     seeds = iter(range(1, 1000))
 
     @torch.inference_mode()
@@ -143,12 +192,20 @@ def run_transformers(folder: Path, n_prompt: int, n_new: int, runs: int) -> dict
         model(torch.tensor([prompt_ids(32, 0)]), logits_to_keep=1)  # warm-up
     return {
         "load_s": load_s,
+        "load_peak_rss_gib": load_peak,
         "prefill_tok_s": median_of(runs, prefill),
         "decode_tok_s": median_of(runs, decode),
+        "steady_rss_gib": current_rss_gib(),
+        "decode_weight_bytes": weight_bytes,
     }
 
 
-WORKERS = {"glmserve": run_glmserve, "transformers": run_transformers}
+WORKERS = {
+    "glmserve-bf16": lambda *args: run_glmserve(*args, quantization="none"),
+    "glmserve-int8": lambda *args: run_glmserve(*args, quantization="int8"),
+    "glmserve-int4": lambda *args: run_glmserve(*args, quantization="int4"),
+    "transformers-bf16": run_transformers,
+}
 
 
 def run_worker(name: str, args: argparse.Namespace) -> dict:
@@ -160,22 +217,45 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(args: argparse.Namespace, spec: dict, results: dict[str, dict]) -> None:
-    ours, peer = results["glmserve"], results["transformers"]
-    measures = [("prefill (tok/s)", "prefill_tok_s", "{:.1f}", True), ("decode (tok/s)", "decode_tok_s", "{:.2f}", True),
-                ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}", False), ("load (s)", "load_s", "{:.1f}", False)]  # fmt: skip
+def report(args: argparse.Namespace, spec: dict, bandwidth_gbs: float, results: dict[str, dict]) -> None:
+    base = results.get("glmserve-bf16")
+    for r in results.values():
+        r["bandwidth_limit_tok_s"] = bandwidth_gbs * 1e9 / r["decode_weight_bytes"]
+        r["decode_fraction_of_limit"] = r["decode_tok_s"] / r["bandwidth_limit_tok_s"]
+    header = ["measure", *results]
+    measures = [
+        ("prefill (tok/s)", "prefill_tok_s", "{:.1f}"),
+        ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
+        ("decode vs glmserve bf16", None, "{:.2f}x"),
+        ("weights read per token (GB)", "decode_weight_bytes", "{:.2f}"),
+        ("decode at bandwidth limit (tok/s)", "bandwidth_limit_tok_s", "{:.2f}"),
+        ("decode / limit", "decode_fraction_of_limit", "{:.0%}"),
+        ("peak RSS while loading (GiB)", "load_peak_rss_gib", "{:.2f}"),
+        ("RSS, steady state (GiB)", "steady_rss_gib", "{:.2f}"),
+        ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"),
+        ("load (s)", "load_s", "{:.1f}"),
+    ]
     rows = []
-    for label, key, fmt, higher_is_better in measures:
-        ratio = ours[key] / peer[key] if higher_is_better else peer[key] / ours[key]
-        rows.append([label, fmt.format(ours[key]), fmt.format(peer[key]), f"{ratio:.2f}x"])
-    title = (f"ChatGLM3-6B shape ({spec['num_layers']} layers), random weights, bf16, {args.prompt_tokens}-token "
-             f"prompt, {args.new_tokens} new tokens, median of {args.runs} (ratio > 1: glmserve better)")  # fmt: skip
-    print_table(title, ["measure", "glmserve", "transformers", "ratio"], rows)
+    for label, key, fmt in measures:
+        if key is None:
+            cells = [
+                fmt.format(r["decode_tok_s"] / base["decode_tok_s"]) if base else "-"
+                for r in results.values()
+            ]
+        elif key == "decode_weight_bytes":
+            cells = [fmt.format(r[key] / 1e9) for r in results.values()]
+        else:
+            cells = [fmt.format(r[key]) for r in results.values()]
+        rows.append([label, *cells])
+    title = (f"ChatGLM3-6B shape ({spec['num_layers']} layers), random weights, {args.prompt_tokens}-token prompt, "
+             f"{args.new_tokens} new tokens, median of {args.runs}; read bandwidth {bandwidth_gbs:.1f} GB/s")  # fmt: skip
+    print_table(title, header, rows)
     payload = {
         "shape": spec,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "runs": args.runs,
+        "read_bandwidth_gbs": bandwidth_gbs,
     }
     print(f"\nwrote {save_json('glm_shape', {**payload, **results})}")
 
@@ -191,6 +271,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", nargs="+", choices=list(WORKERS), help="run only these configurations")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -198,11 +279,12 @@ def main() -> None:
         print(json.dumps({**result, "peak_rss_gib": peak_rss_gib()}))
         return
     spec = ensure_checkpoint(args.dir, args.num_layers)
+    bandwidth = read_bandwidth_gbs()
     results = {}
-    for name in WORKERS:
+    for name in args.only or WORKERS:
         print(f"running {name} ...", flush=True)
         results[name] = run_worker(name, args)
-    report(args, spec, results)
+    report(args, spec, bandwidth, results)
 
 
 if __name__ == "__main__":

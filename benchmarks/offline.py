@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/offline.py [--dtype bfloat16] [--new-tokens 128] [--runs 3]
 
 Measures single-stream decode tok/s (after the first token) and the throughput of 16 prompts
-in one call (generated tokens / wall time, prefill included). Prints a table with ratios and
+in one call (generated tokens / wall time, prefill included). Peers in the same run:
+transformers `generate` (same dtype, weights dequantized from the GGUF) and, when llama_cpp is
+importable (`pip install llama-cpp-python`, a source build), llama.cpp on the same GGUF with 2
+threads, single stream (its Python API has no batched generate). Prints a table with ratios and
 writes benchmarks/results/offline.json. Run it on an otherwise idle machine.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import time
 
 import torch
@@ -20,10 +24,22 @@ from glmserve import LLM, SamplingParams
 from glmserve.model_path import find_bundled_model
 
 TOPICS = [
-    "the history of the printing press", "how vaccines train the immune system", "why the sky is blue",
-    "the rules of chess", "how a bicycle stays upright", "the water cycle", "how compilers work",
-    "the life of honeybees", "photosynthesis", "the French revolution", "black holes", "how to bake bread",
-    "plate tectonics", "the invention of the telephone", "how neural networks learn", "the Silk Road",
+    "the history of the printing press",
+    "how vaccines train the immune system",
+    "why the sky is blue",
+    "the rules of chess",
+    "how a bicycle stays upright",
+    "the water cycle",
+    "how compilers work",
+    "the life of honeybees",
+    "photosynthesis",
+    "the French revolution",
+    "black holes",
+    "how to bake bread",
+    "plate tectonics",
+    "the invention of the telephone",
+    "how neural networks learn",
+    "the Silk Road",
 ]
 
 
@@ -53,8 +69,12 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=pad_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
         )
     return time.perf_counter() - start
 
@@ -67,6 +87,26 @@ def hf_single(model, prompt, new_tokens, pad_id) -> float:
 
 def hf_batch(model, prompts, new_tokens, pad_id) -> float:
     return len(prompts) * new_tokens / hf_generate(model, prompts, new_tokens, pad_id)
+
+
+def llama_cpp_single(prompt: list[int], new_tokens: int, runs: int) -> float | None:
+    """llama.cpp greedy decode tok/s after the first token, same GGUF, 2 threads; None if absent."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    model = Llama(str(find_bundled_model()), n_threads=2, n_threads_batch=2, n_ctx=1024, verbose=False)
+
+    def once() -> float:
+        times = []
+        for _ in model.generate(prompt, top_k=1, temp=0.0, reset=True):  # never stops by itself
+            times.append(time.perf_counter())
+            if len(times) == new_tokens:
+                break
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    once()  # warm-up
+    return median_of(runs, once)
 
 
 def load_transformers(dtype: torch.dtype):
@@ -84,8 +124,17 @@ def measure_ours(dtype: str, n: int, runs: int) -> tuple[dict, list[list[int]]]:
     return {"single": single, "batch16": median_of(runs, lambda: ours_batch(llm, prompts, n))}, prompts
 
 
+def measure_transformers(dtype: str, prompts: list[list[int]], n: int, runs: int) -> dict:
+    model = load_transformers(getattr(torch, dtype))
+    hf_generate(model, prompts[:2], 4, 2)  # warm-up
+    return {"single": median_of(runs, lambda: hf_single(model, prompts[0], n, 2)),
+            "batch16": median_of(runs, lambda: hf_batch(model, prompts, n, 2))}  # fmt: skip
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
@@ -95,18 +144,29 @@ def main() -> None:
     ours, prompts = measure_ours(args.dtype, n, runs)
     gc.collect()
 
-    model = load_transformers(getattr(torch, args.dtype))
-    hf_generate(model, prompts[:2], 4, 2)  # warm-up
-    peer = {"single": median_of(runs, lambda: hf_single(model, prompts[0], n, 2)),
-            "batch16": median_of(runs, lambda: hf_batch(model, prompts, n, 2))}
+    peer = measure_transformers(args.dtype, prompts, n, runs)
+    gc.collect()
+    llama_cpp = {"single": llama_cpp_single(prompts[0], n, runs)}
+
+    def ratio(ours_value: float, peer_value: float | None) -> str:
+        return f"{ours_value / peer_value:.2f}x" if peer_value else "-"
+
+    def value(v: float | None) -> str:
+        return f"{v:.1f}" if v else "skipped" if llama_cpp["single"] is None else "-"
 
     rows = [
-        ["single-stream decode (tok/s)", f"{ours['single']:.1f}", f"{peer['single']:.1f}", f"{ours['single'] / peer['single']:.2f}x"],
-        ["16 prompts, one call (tok/s)", f"{ours['batch16']:.1f}", f"{peer['batch16']:.1f}", f"{ours['batch16'] / peer['batch16']:.2f}x"],
-    ]
-    print_table(f"Offline generation, SmolLM2-135M-Instruct, {args.dtype}, {n} new tokens, median of {runs}",
-                ["measure", "glmserve", "transformers", "ratio"], rows)
-    path = save_json("offline", {"dtype": args.dtype, "new_tokens": n, "runs": runs, "glmserve": ours, "transformers": peer})
+        ["single-stream decode (tok/s)", f"{ours['single']:.1f}", f"{peer['single']:.1f}", ratio(ours["single"], peer["single"]),
+         value(llama_cpp["single"]), ratio(ours["single"], llama_cpp["single"])],
+        ["16 prompts, one call (tok/s)", f"{ours['batch16']:.1f}", f"{peer['batch16']:.1f}", ratio(ours["batch16"], peer["batch16"]),
+         value(None), "-"],
+    ]  # fmt: skip
+    print_table(
+        f"Offline generation, SmolLM2-135M-Instruct, {args.dtype}, {n} new tokens, median of {runs}",
+        ["measure", "glmserve", "transformers", "ratio", "llama.cpp", "ratio"],
+        rows,
+    )
+    path = save_json("offline", {"dtype": args.dtype, "new_tokens": n, "runs": runs, "glmserve": ours,
+                                 "transformers": peer, "llama.cpp": llama_cpp})  # fmt: skip
     print(f"\nwrote {path}")
 
 
