@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glmserve.engine.attention_metadata import build_attention_metadata
-from glmserve.engine.layers.attention import PagedAttention, alibi_slopes
+from glmserve.engine.layers.attention import SDPA_MAX_DECODES, PagedAttention, alibi_slopes
 
 BLOCK_SIZE, NUM_BLOCKS, HEAD_DIM = 4, 32, 16
 
@@ -73,6 +73,19 @@ def test_paged_attention_matches_reference(num_heads, num_kv, use_alibi):
     slopes = alibi_slopes(num_heads).double() if use_alibi else None
     rows = [(c, 12)] + [(a, p) for p in range(10, 17)] + [(b, p) for p in range(5)]
     expected = torch.stack([reference(s.q[p], s.k, s.v, p, slopes) for s, p in rows])
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_decodes", [1, 3, SDPA_MAX_DECODES + 2])  # SDPA, SDPA with a mask, matmuls
+def test_decodes_of_different_lengths_match_reference(num_decodes):
+    layer = PagedAttention(6, 2, HEAD_DIM)
+    cache = tuple(torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM) for _ in range(2))
+    lengths = [9, 14, 5, 11, 7, 16][:num_decodes]
+    blocks = iter(range(1, NUM_BLOCKS))
+    seqs = [Seq(n, [next(blocks) for _ in range(-(-n // BLOCK_SIZE))], 6, 2, seed=10 + i) for i, n in enumerate(lengths)]
+    run_step(layer, cache, [], [(s, 0, n - 1) for s, n in zip(seqs, lengths, strict=True)])
+    out = run_step(layer, cache, [(s, n - 1) for s, n in zip(seqs, lengths, strict=True)], [])
+    expected = torch.stack([reference(s.q[n - 1], s.k, s.v, n - 1) for s, n in zip(seqs, lengths, strict=True)])
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
 

@@ -194,7 +194,7 @@ def test_quantized_logits_equal_dequantized_folder_logits(chatglm3_folder, tmp_p
 
 def test_q4_0_weights_stay_4_bit(chatglm3_folder, tmp_path):
     path = write_chatglm_gguf(tmp_path / "q4.gguf", chatglm3_folder, QType.Q4_0, with_vocab=False)
-    tensors = dict(open_checkpoint(path).iter_tensors(torch.bfloat16, keep_int4=True))
+    tensors = dict(open_checkpoint(path).iter_tensors(torch.bfloat16, keep_quantized=True))
     block = "transformer.encoder.layers.1"
     for name in (
         "self_attention.query_key_value",

@@ -7,14 +7,24 @@ from glmserve import LLM
 from glmserve.engine.layers.linear import Linear
 
 
+def packed_bytes(form) -> int:
+    """Bytes of the tensors of a stored quantized form (PackedInt8Blocks holds a PackedInt4)."""
+    if form is None:
+        return 0
+    if isinstance(form, torch.Tensor):
+        return form.numel() * form.element_size()
+    return sum(packed_bytes(v) for v in vars(form).values() if isinstance(v, torch.Tensor) or hasattr(v, "is_fused"))
+
+
 def stored_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Bytes of every weight the model holds: parameters plus packed quantized tensors, plus the
     float buffer that the largest layer dequantizing per call expands into."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += packed_bytes(getattr(model, "quantized_output", None))  # a tied output in the file's form
     buffer = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.packed is not None:
-            total += sum(t.numel() * t.element_size() for t in vars(module.packed).values() if isinstance(t, torch.Tensor))
+            total += packed_bytes(module.packed)
             if not module.packed.is_fused:
                 buffer = max(buffer, module.in_features * module.out_features * dtype.itemsize)
     return total + buffer

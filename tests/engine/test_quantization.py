@@ -1,4 +1,4 @@
-"""4-bit weights: GGUF blocks are read exactly, packed matmuls match their dequantized reference,
+"""4-bit and Q8_0 weights: GGUF blocks are read exactly, packed matmuls match their dequantized reference,
 and the bundled model running 4-bit (its default) or quantized in bf16 or float32 still answers
 correctly. Kernel selection per device: test_quant_kernels.py."""
 
@@ -11,12 +11,12 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from glmserve import LLM, SamplingParams
-from glmserve.engine.gguf_int4 import read_int4
+from glmserve.engine.gguf_int4 import read_int4, read_q8_0
 from glmserve.engine.layers.linear import Linear, MergedLinear
-from glmserve.engine.layers.quant import Int4Weight, Int8Weight, PackedInt4
+from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight, Int8Weight, PackedInt4, PackedInt8Blocks
 
-BLOCK_BYTES = {QType.Q4_0: 18, QType.Q4_1: 20, QType.Q4_K: 144}
-BLOCK_WEIGHTS = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q4_K: 256}
+BLOCK_BYTES = {QType.Q4_0: 18, QType.Q4_1: 20, QType.Q4_K: 144, QType.Q8_0: 34}
+BLOCK_WEIGHTS = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q4_K: 256, QType.Q8_0: 32}
 
 
 class FakeTensor:
@@ -43,6 +43,63 @@ def test_gguf_4bit_blocks_read_exactly(qtype):
     reference = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(rows, cols)
     assert weight.shape == (rows, cols) and int(weight.q.max()) <= 15
     torch.testing.assert_close(weight.dequantize(), reference, rtol=0, atol=1e-6)
+
+
+def test_gguf_q8_0_blocks_read_exactly():
+    rows, cols = 8, 512
+    data = random_blocks(QType.Q8_0, rows, cols)
+    weight = read_q8_0(FakeTensor(QType.Q8_0, rows, cols, data))
+    reference = torch.from_numpy(gguf.quants.dequantize(data, QType.Q8_0)).reshape(rows, cols)
+    assert weight.shape == (rows, cols) and weight.q.dtype == torch.int8
+    torch.testing.assert_close(weight.dequantize(), reference, rtol=0, atol=0)
+
+
+def random_q8_0(rows, cols, seed=0) -> Int8BlockWeight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (rows, cols), generator=g, dtype=torch.int8)
+    return Int8BlockWeight(q, torch.rand(rows, cols // 32, generator=g) * 0.01 + 0.001)
+
+
+def test_q8_0_is_exactly_int4_over_a_doubled_input():
+    weight = random_q8_0(16, 64)
+    halves = weight.as_int4_halves()  # [16, 128], q in 0..15
+    assert halves.shape == (16, 128) and int(halves.q.max()) <= 15
+    x = torch.randn(3, 64, dtype=torch.float64)
+    doubled = torch.cat([x, x], -1) @ halves.dequantize().double().t()
+    torch.testing.assert_close(doubled, x @ weight.dequantize().double().t(), rtol=1e-6, atol=1e-5)  # float32 parts
+    rows = weight.as_int4_halves(slice(4, 9))
+    assert torch.equal(rows.q, halves.q[4:9]) and torch.equal(rows.scale, halves.scale[4:9])
+
+
+def test_packed_q8_0_matmul_matches_dequantized_reference():
+    weight = random_q8_0(96, 128)
+    x = torch.randn(3, 128).bfloat16()
+    got = PackedInt8Blocks.from_weight(weight, torch.bfloat16).matmul(x).float()
+    expected = x.float() @ weight.dequantize().t()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_q8_0_layer_runs_packed_on_cpu_bf16_and_dense_elsewhere():
+    weight = random_q8_0(32, 64)
+    x = torch.randn(2, 64)
+    for dtype, packed in ((torch.bfloat16, True), (torch.float32, False)):
+        layer = Linear(64, 32).to(dtype)
+        layer.load_shard("weight", weight)
+        assert (layer.packed is not None) == packed
+        expected = x @ weight.dequantize().t()
+        torch.testing.assert_close(layer(x.to(dtype)).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_bundled_model_keeps_its_q8_0_output_layer():
+    """SmolLM2's tied embedding is Q8_0: the output layer runs on it for few-row steps, and agrees
+    with the dense embedding's logits."""
+    model = LLM(dtype="bfloat16", kv_cache_memory=32 * 2**20).engine.runner.model
+    assert isinstance(model.quantized_output, PackedInt8Blocks)
+    hidden = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    got = model.compute_logits(hidden)  # 2 rows: the Q8_0 blocks
+    dense = hidden.float() @ model.model.embed_tokens.weight.float().t()
+    torch.testing.assert_close(got, dense, rtol=0, atol=0.1)  # bf16 output: 0.0625 steps at |logit| ~ 16
+    assert torch.equal(got.argmax(-1), dense.argmax(-1))
 
 
 def random_int4(rows, cols, seed=0) -> Int4Weight:
@@ -197,3 +254,7 @@ def test_int4_packing_in_row_blocks_equals_whole_matrix(monkeypatch):
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
     monkeypatch.setattr(quant, "QUANTIZE_CHUNK", 128 * 64)  # 64 rows per block
     assert torch.equal(PackedInt4.from_weight(weight, torch.bfloat16).packed, whole)
+    halves = random_q8_0(64 * 5 + 32, 64)
+    whole = PackedInt4.from_weight(halves.as_int4_halves(), torch.bfloat16)
+    blocks = PackedInt8Blocks.from_weight(halves, torch.bfloat16).halves  # 64 rows at a time
+    assert torch.equal(blocks.packed, whole.packed) and torch.equal(blocks.scales_and_zeros, whole.scales_and_zeros)

@@ -1,4 +1,5 @@
-"""Raw 4-bit GGUF blocks (Q4_0, Q4_1, Q4_K) as Int4Weight, without rounding anything.
+"""Raw 4-bit GGUF blocks (Q4_0, Q4_1, Q4_K) as Int4Weight and Q8_0 blocks as Int8BlockWeight,
+without rounding anything.
 
 Block layouts (ggml-common.h): each row is a run of blocks; within a block of 32 weights the
 16 bytes of `qs` hold weight i in the low nibble of byte i and weight i + 16 in the high one.
@@ -7,6 +8,7 @@ Block layouts (ggml-common.h): each row is a run of blocks; within a block of 32
 - Q4_K (144 B / 256): fp16 d, fp16 dmin, 12 B of 6-bit (sc, m) for 8 sub-blocks, 128 B qs where
   each 32-byte chunk c holds sub-block 2c in its low nibbles and 2c + 1 in its high ones
                                            -> w = d * sc_j * q - dmin * m_j
+- Q8_0 (34 B / 32): fp16 d, 32 int8 qs     -> w = d * q
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from glmserve.engine.layers.quant import Int4Weight
+from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight
 
 INT4_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q4_K)
+KEPT_TYPES = (*INT4_TYPES, QType.Q8_0)  # read as they are stored by read_quantized
 GROUP_SIZE = 32
 
 
@@ -66,3 +69,19 @@ def read_int4(tensor: gguf.ReaderTensor) -> Int4Weight:
         torch.from_numpy(minimum.reshape(rows, cols // GROUP_SIZE)),
         GROUP_SIZE,
     )
+
+
+def read_q8_0(tensor: gguf.ReaderTensor) -> Int8BlockWeight:
+    """A 2-D Q8_0 GGUF tensor as Int8BlockWeight in torch layout [out_features, in_features]."""
+    rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, 34)
+    return Int8BlockWeight(
+        torch.from_numpy(blocks[:, 2:].copy().view(np.int8).reshape(rows, cols)),
+        torch.from_numpy(_fp16(blocks[:, 0:2]).reshape(rows, cols // GROUP_SIZE)),
+        GROUP_SIZE,
+    )
+
+
+def read_quantized(tensor: gguf.ReaderTensor) -> Int4Weight | Int8BlockWeight:
+    """A 2-D tensor of one of KEPT_TYPES, exactly as stored."""
+    return read_q8_0(tensor) if tensor.tensor_type == QType.Q8_0 else read_int4(tensor)

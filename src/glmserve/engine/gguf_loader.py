@@ -19,8 +19,8 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from glmserve.config import ModelConfig
-from glmserve.engine.gguf_int4 import INT4_TYPES, read_int4
-from glmserve.engine.layers.quant import Int4Weight
+from glmserve.engine.gguf_int4 import KEPT_TYPES, read_quantized
+from glmserve.engine.layers.quant import QuantWeight
 from glmserve.gguf_file import open_gguf_reader
 
 GGUF_MAGIC = b"GGUF"
@@ -113,13 +113,14 @@ class GGUFCheckpoint:
     format: str = "gguf"
 
     def iter_tensors(
-        self, dtype: torch.dtype, keep_int4: bool = False
-    ) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+        self, dtype: torch.dtype, keep_quantized: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
         """(Hugging Face name, tensor in `dtype`), one tensor at a time, in file order.
-        With keep_int4, 2-D Q4_0 / Q4_1 / Q4_K weights come as exact Int4Weight instead."""
+        With keep_quantized, 2-D Q4_0 / Q4_1 / Q4_K weights come as exact Int4Weight and Q8_0 ones
+        as Int8BlockWeight instead."""
         for tensor in self.reader.tensors:
-            if keep_int4 and tensor.tensor_type in INT4_TYPES and len(tensor.shape) == 2:
-                weights = read_int4(tensor)
+            if keep_quantized and tensor.tensor_type in KEPT_TYPES and len(tensor.shape) == 2:
+                weights = read_quantized(tensor)
             else:
                 weights = dequantize_tensor(tensor).to(dtype)
             num_heads = self._permuted_heads(tensor.name)
@@ -283,8 +284,8 @@ def dequantize_tensor(tensor: gguf.ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _unpermute(weights: torch.Tensor | Int4Weight, num_heads: int) -> torch.Tensor | Int4Weight:
-    if isinstance(weights, Int4Weight):
+def _unpermute(weights: torch.Tensor | QuantWeight, num_heads: int) -> torch.Tensor | QuantWeight:
+    if isinstance(weights, QuantWeight):
         return weights.map_rows(lambda rows: unpermute_rope_rows(rows, num_heads))
     return unpermute_rope_rows(weights, num_heads)
 

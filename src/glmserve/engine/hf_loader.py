@@ -52,9 +52,9 @@ class HFCheckpoint:
     format: str  # "safetensors" | "bin"
     weight_files: tuple[Path, ...]
 
-    def iter_tensors(self, dtype: torch.dtype, keep_int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name, tensor), float tensors in `dtype`, one shard and one tensor at a time.
-        (`keep_int4` concerns 4-bit GGUF blocks; these checkpoints hold float tensors.)"""
+        (`keep_quantized` concerns GGUF blocks; these checkpoints hold float tensors.)"""
         for name, tensor in self._read_all():
             if not self._is_skipped(name):
                 yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor

@@ -3,7 +3,8 @@
 Used by `glmserve estimate` and at engine start (logged, and a configuration that cannot fit is
 refused with the numbers). Weights follow the same policy as the loader: linear layers in the
 chosen scheme (the output layer int8 under int8/int4), everything else in the compute dtype, a
-GGUF's 4-bit layers kept 4-bit by default (plus a dense copy on small models). Each quantized layer
+GGUF's 4-bit and Q8_0 layers kept so by default (plus a dense copy on small models; a tied quantized
+embedding also serves as the output layer in its file form). Each quantized layer
 is counted in the form `select_kernel` gives it on the device; layers that dequantize per call also
 need the float buffer of the largest of them.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType as QType
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.device import resolve_dtype
@@ -93,6 +95,9 @@ class _WeightBytes:
         dense = shape[0] * shape[1] * self.dtype.itemsize
         quantized = quantized_bytes(scheme, shape, group_size, self.dtype)
         kernel = select_kernel(scheme, shape, self.device, self.dtype, group_size)
+        if kernel is None:  # Q8_0 blocks with no kernel: stored dense
+            self.stored += dense
+            return
         if keep_dense:
             self.stored += dense + (quantized if kernel.is_fused else 0)
             return
@@ -111,13 +116,33 @@ def _gguf_weights_bytes(checkpoint, dtype: torch.dtype, keep_dense: bool, device
     keep_dense = keep_dense and keeps_dense_copy(dense, device)
     weights = _WeightBytes(device, dtype)
     for group in _gguf_linear_groups(tensors).values():
-        if all(t.tensor_type in INT4_TYPES for t in group):
-            # GGUF lists dimensions innermost first: [K, N]
-            shape = (sum(int(t.shape[1]) for t in group), int(group[0].shape[0]))
-            weights.add_quantized("int4", shape, GGUF_GROUP_SIZE, keep_dense)
-        else:
+        scheme = _kept_scheme(group) if _is_linear(group[0]) else None
+        if scheme is None:
             weights.add_dense(sum(int(t.n_elements) for t in group))
+        else:  # GGUF lists dimensions innermost first: [K, N]
+            shape = (sum(int(t.shape[1]) for t in group), int(group[0].shape[0]))
+            weights.add_quantized(scheme, shape, GGUF_GROUP_SIZE, keep_dense)
+    embedding = next((t for t in tensors if t.name == "token_embd.weight"), None)
+    scheme = _kept_scheme([embedding]) if embedding is not None else None
+    if checkpoint.config.tie_word_embeddings and scheme is not None:  # models/llama.py, keep_quantized_output
+        shape = (int(embedding.shape[1]), int(embedding.shape[0]))
+        kernel = select_kernel(scheme, shape, device, dtype, GGUF_GROUP_SIZE)
+        if kernel is not None and kernel.is_fused:
+            weights.stored += quantized_bytes(scheme, shape, GGUF_GROUP_SIZE, dtype)
     return weights.total
+
+
+def _is_linear(tensor) -> bool:
+    return len(tensor.shape) == 2 and tensor.name != "token_embd.weight"  # the embedding loads dense
+
+
+def _kept_scheme(group: list) -> str | None:
+    """How the loader keeps a group of GGUF tensors that form one weight: "int4", "q8_0" or None (dense)."""
+    if all(t.tensor_type in INT4_TYPES for t in group):
+        return "int4"
+    if all(t.tensor_type == QType.Q8_0 for t in group):
+        return "q8_0"
+    return None
 
 
 def _gguf_linear_groups(tensors) -> dict[str, list]:
@@ -127,8 +152,7 @@ def _gguf_linear_groups(tensors) -> dict[str, list]:
     for t in tensors:
         stem, _, kind = t.name.rpartition(".")
         prefix, _, part = stem.rpartition(".")
-        is_linear = len(t.shape) == 2 and t.name != "token_embd.weight"  # the embedding loads dense
-        key = f"{prefix}.{GGUF_MERGED.get(part, part)}.{kind}" if is_linear else t.name
+        key = f"{prefix}.{GGUF_MERGED.get(part, part)}.{kind}" if _is_linear(t) else t.name
         groups.setdefault(key, []).append(t)
     return groups
 

@@ -51,8 +51,8 @@ class ModelRunner:
         # A pre-quantized checkpoint (glmserve quantize) runs as it was written.
         quantization = engine_config.quantization or getattr(checkpoint, "quantization", None)
         self._plan_quantization(quantization, engine_config.quantization_group_size)
-        keep_int4 = quantization in (None, "int4")  # a GGUF's 4-bit blocks, exactly
-        load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_int4=keep_int4))
+        keep_quantized = quantization in (None, "int4")  # a GGUF's 4-bit and Q8_0 blocks, exactly
+        load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_quantized=keep_quantized))
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_zeroed_blocks = 0

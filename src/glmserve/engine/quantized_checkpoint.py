@@ -41,7 +41,7 @@ class QuantizedCheckpoint:
     quantization: str  # the scheme it was written with
     format: str = "glmserve-quantized"
 
-    def iter_tensors(self, dtype: torch.dtype, keep_int4: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8Weight]]:
+    def iter_tensors(self, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8Weight]]:
         """Tensors in file order, read into their own memory (not views of a memory map that closes);
         a quantized weight is yielded once all its parts (qweight, scales, mins) have been read."""
         pending: dict[str, dict[str, torch.Tensor]] = {}

@@ -3,8 +3,10 @@
 The flat batch holds the decode tokens first (one per sequence), then the prefill tokens of
 each prefilling sequence back to back. Each layer writes the new K/V into the cache slots
 (`slot_mapping`), then:
-- decodes: gather each sequence's blocks, attend with two batched matmuls (on this CPU
-  about twice as fast as SDPA's kernel for batched single-token queries);
+- decodes: gather each sequence's blocks, then one SDPA call for up to SDPA_MAX_DECODES
+  sequences, two batched matmuls for more (measured on this CPU, bf16, 160 keys, per layer:
+  1 sequence 30 µs against 68, 4: 80 against 119, 8: 136 against 145, 16 (272 keys): 349
+  against 216);
 - prefills: pad the chunks to [P, max_q], gather the blocks, one SDPA call with a causal
   mask by absolute position (chunks may start after a cached prefix).
 Grouped KV heads are handled by folding each group of query heads into the query length.
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SDPA_MAX_DECODES = 4
 
 
 @dataclass
@@ -96,6 +100,10 @@ class PagedAttention(nn.Module):
         b = q.shape[0]
         keys = gather_blocks(k_cache, meta.decode_block_tables)  # [KVH, B, L, D]
         values = gather_blocks(v_cache, meta.decode_block_tables)
+        if b <= SDPA_MAX_DECODES and self.alibi is None:  # SDPA batch KVH, heads B, queries G
+            q = q.view(b, self.num_kv_heads, self.group_size, self.head_dim).transpose(0, 1)  # [KVH, B, G, D]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask)
+            return out.transpose(0, 1).reshape(b, self.num_heads * self.head_dim)
         q = (q * self.scale).view(b, self.num_kv_heads, self.group_size, self.head_dim).transpose(0, 1)  # [KVH, B, G, D]
         scores = torch.matmul(q, keys.transpose(-1, -2))  # [KVH, B, G, L]
         if self.alibi is not None:

@@ -3,7 +3,7 @@
 `MergedLinear` holds several projections of the same input as one matrix (q/k/v, gate/up),
 so a step runs one GEMM instead of several; `load_shard` copies a checkpoint tensor into
 its rows. Weight-only quantization happens here, shard by shard as tensors load: a weight that
-arrives 4-bit (a GGUF's) or is quantized on arrival (`quantization`) is stored, once all its shards
+arrives quantized (a GGUF's 4-bit or Q8_0 blocks) or is quantized on arrival (`quantization`) is stored, once all its shards
 are in, in the form `quant.select_kernel` picks for the device and dtype, and the float weight,
 never written, is dropped.
 """
@@ -22,6 +22,7 @@ from glmserve.engine.layers.quant import (
     PackedInt4,
     PackedInt4Cuda,
     PackedInt8,
+    PackedInt8Blocks,
     QuantWeight,
     kernel_for,
 )
@@ -48,7 +49,7 @@ class Linear(nn.Module):
         self.output_sizes = [out_features]
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed: PackedInt4 | PackedInt8 | PackedInt4Cuda | DequantInt4 | DequantInt8 | None = None
+        self.packed: PackedInt4 | PackedInt8 | PackedInt8Blocks | PackedInt4Cuda | DequantInt4 | DequantInt8 | None = None
         # Set by the loader before weights arrive:
         self.quantization: str | None = None  # "int8" | "int4": quantize float weights as they load
         self.group_size = 64  # int4 group size for quantize-on-load
@@ -86,6 +87,9 @@ class Linear(nn.Module):
             return
         merged = merged.to(self.weight.device)
         kernel = kernel_for(merged, self.weight.device, self.weight.dtype)
+        if kernel is None:  # Q8_0 blocks where no kernel reads them
+            self.weight.data.copy_(merged.dequantize())
+            return
         if self.keep_dense_copy:
             self.weight.data.copy_(merged.dequantize())
             if kernel.is_fused:  # for few-row steps; dequantizing per call never beats the dense copy
@@ -99,8 +103,8 @@ class Linear(nn.Module):
 
         With `quantization`, float parts are quantized here; a part that came 4-bit from the file
         is kept exactly and sets the group size of the others. Without it, parts that all came in
-        the same 4-bit (or 8-bit) form stay so; float parts, or a mix (a GGUF Q4_K_M file has Q4_K
-        and Q6_K rows in one q/k/v), are stored dense.
+        the same 4-bit (or 8-bit, or Q8_0) form stay so; float parts, or a mix (a GGUF Q4_K_M file
+        has Q4_K and Q6_K rows in one q/k/v), are stored dense.
         """
         device = self.weight.device
         if self.quantization == "int8":
@@ -115,13 +119,13 @@ class Linear(nn.Module):
                 for p in parts
             ])  # fmt: skip
         kinds = {(type(p), getattr(p, "group_size", None)) for p in parts}
-        if len(kinds) == 1 and isinstance(parts[0], Int4Weight | Int8Weight):
+        if len(kinds) == 1 and isinstance(parts[0], QuantWeight):
             return type(parts[0]).concat(parts)
         return None
 
 
 def _dense(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
-    return weight.dequantize() if isinstance(weight, Int4Weight | Int8Weight) else weight
+    return weight.dequantize() if isinstance(weight, QuantWeight) else weight
 
 
 class MergedLinear(Linear):

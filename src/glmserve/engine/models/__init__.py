@@ -12,7 +12,7 @@ from glmserve.config import ModelConfig
 from glmserve.engine.device import release_freed_memory
 from glmserve.engine.layers.attention import PagedAttention, alibi_slopes
 from glmserve.engine.layers.linear import Linear
-from glmserve.engine.layers.quant import Int4Weight
+from glmserve.engine.layers.quant import QuantWeight
 from glmserve.engine.layers.rotary import RotaryEmbedding
 from glmserve.engine.models.baichuan import BaichuanForCausalLM
 from glmserve.engine.models.glm import ChatGLMForCausalLM, GlmForCausalLM
@@ -50,9 +50,10 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     return model.eval()
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | Int4Weight]]) -> None:
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | QuantWeight]]) -> None:
     """Copy checkpoint tensors into the model; every parameter must be loaded exactly once.
-    Linear layers take their tensors through load_shard (merged projections, 4-bit weights)."""
+    Linear layers take their tensors through load_shard (merged projections, quantized weights).
+    A quantized embedding that is also the output layer (tied) is offered to the model as such."""
     expected = _expected_keys(model)
     loaded: set[tuple[str, str, int]] = set()
     packed = getattr(model, "packed_modules", {})
@@ -64,6 +65,8 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | I
             module.load_shard(param_name, tensor, shard)
         else:
             _copy_param(module, param_name, tensor, name)
+            if isinstance(tensor, QuantWeight) and name == getattr(model, "tied_embedding", None):
+                model.keep_quantized_output(tensor)
         loaded.add((module_path, param_name, shard))
         del tensor
         if device.type == "cpu":
@@ -92,8 +95,8 @@ def _submodule(model: nn.Module, module_path: str, name: str) -> nn.Module:
 
 
 def _copy_param(module: nn.Module, param_name: str, tensor, name: str) -> None:
-    if isinstance(tensor, Int4Weight):
-        tensor = tensor.dequantize()  # 4-bit storage only pays off in linear layers
+    if isinstance(tensor, QuantWeight):
+        tensor = tensor.dequantize()  # quantized storage only pays off in linear layers
     param = getattr(module, param_name, None)
     if not isinstance(param, torch.Tensor):
         raise ValueError(f"checkpoint tensor {name!r} has no place in the model")

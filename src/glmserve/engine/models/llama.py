@@ -12,8 +12,9 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
-from glmserve.engine.layers.linear import Linear, MergedLinear
+from glmserve.engine.layers.linear import MAX_INT4_ROWS, Linear, MergedLinear
 from glmserve.engine.layers.norm import RMSNorm
+from glmserve.engine.layers.quant import QuantWeight, kernel_for
 from glmserve.engine.layers.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -87,6 +88,19 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.head_dim, config.rope_theta, config.max_position_embeddings, "neox"
         )
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.tied_embedding = "model.embed_tokens.weight" if config.tie_word_embeddings else None
+        self.quantized_output = None  # a tied output layer kept as the file stores the embedding
+
+    def keep_quantized_output(self, weight: QuantWeight) -> None:
+        """Tied embeddings from a GGUF come quantized (SmolLM2's Q8_0). A lookup needs the dense
+        embedding, but the output layer reads all of it every step, and on a small model that read
+        is the largest cost of a step (SmolLM2-135M: 4.5 ms in bf16 against 1.5 ms for the Q8_0
+        blocks, of a ~15 ms step). So few-row steps also keep the file's form where a fused kernel
+        reads it, as llama.cpp does."""
+        embedding = self.model.embed_tokens.weight
+        kernel = kernel_for(weight, embedding.device, embedding.dtype)
+        if kernel is not None and kernel.is_fused:
+            self.quantized_output = kernel.from_weight(weight.to(embedding.device), embedding.dtype)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
@@ -99,5 +113,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
         if self.lm_head is None:  # tied to the embedding
+            if self.quantized_output is not None and hidden.shape[0] <= MAX_INT4_ROWS:
+                return self.quantized_output.matmul(hidden).float()
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
