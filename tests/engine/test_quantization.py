@@ -121,6 +121,16 @@ def test_packed_int4_matmul_matches_dequantized_reference():
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_packed_layers_take_strided_rows(form):
+    """RMSNorm's CPU output is a column slice (row stride 2K); the kernels want dense rows."""
+    layer = Linear(64, 32).bfloat16()
+    layer.quantization = form
+    layer.load_shard("weight", torch.randn(32, 64))
+    x = torch.randn(3, 128).bfloat16()[:, :64]
+    torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
+
+
 def test_merged_linear_packs_after_all_shards_and_keeps_dense_copy():
     layer = MergedLinear(64, [32, 16]).bfloat16()
     layer.keep_dense_copy = True

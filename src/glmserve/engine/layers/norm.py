@@ -1,4 +1,11 @@
-"""RMSNorm (Zhang & Sennrich, 2019): x / rms(x) * weight, computed in float32 for 16-bit inputs."""
+"""RMSNorm (Zhang & Sennrich, 2019): x / rms(x) * weight, computed in float32 for 16-bit inputs.
+
+On CPU, torch's rms_norm is composite (cast, pow, mean, add, rsqrt, mul, cast, mul: ~13 us for one
+576-wide bf16 row here, two per layer), while layer_norm has one fused kernel. Over [x, -x] the
+mean is 0 and the variance is mean(x^2), so the first half of layer_norm([x, -x]) with the weight
+repeated is exactly rms_norm(x): 7 us with the concatenation, the same float32 accumulation and one
+rounding to the output dtype.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self._doubled: tuple[int, torch.Tensor] | None = None  # (weight's data_ptr, [weight, weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's kernel accumulates in float32 for bf16/fp16 inputs.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.device.type != "cpu":
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused on CUDA
+        k = x.shape[-1]
+        return F.layer_norm(torch.cat([x, -x], -1), (2 * k,), self._doubled_weight(), None, self.eps)[..., :k]
+
+    def _doubled_weight(self) -> torch.Tensor:
+        ptr = self.weight.data_ptr()  # weights load once, after construction: rebuild if they moved
+        if self._doubled is None or self._doubled[0] != ptr:
+            self._doubled = (ptr, torch.cat([self.weight, self.weight]))
+        return self._doubled[1]

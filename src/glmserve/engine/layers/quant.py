@@ -221,7 +221,7 @@ class PackedInt8:
         return PackedInt8(weight.q.contiguous(), weight.scale.to(dtype))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel reads rows densely
         out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
         return out.view(*x.shape[:-1], self.q.shape[0])
 
@@ -263,7 +263,7 @@ class PackedInt4:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N]."""
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel refuses strided rows
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat, self.packed, self.group_size, self.scales_and_zeros
         )
