@@ -63,7 +63,7 @@ QuantizationOption = Annotated[
     Quantization | None,
     typer.Option(
         help="Weight-only quantization of linear layers [default: as in the checkpoint; "
-        "a GGUF's 4-bit weights stay 4-bit]",
+        "a GGUF's 4-bit and Q8_0 weights stay so]",
         show_default=False,
     ),
 ]

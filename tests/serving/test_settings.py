@@ -95,3 +95,11 @@ def test_code_running_tabs_only_for_key_holders_or_loopback():
     assert ServeSettings(host="127.0.0.1").may_run_code
     assert ServeSettings(host="0.0.0.0", api_key=["k"]).may_run_code
     assert not ServeSettings(host="0.0.0.0", allow_no_auth=True).may_run_code
+
+
+def test_quantization_reaches_the_engine_config():
+    config = ServeSettings(quantization="int4", quantization_group_size=32).engine_config()
+    assert (config.quantization, config.quantization_group_size) == ("int4", 32)
+    assert ServeSettings().engine_config().quantization is None  # as in the checkpoint
+    result = serve("--quantization", "int3")
+    assert result.returncode != 0 and "--quantization" in result.stderr and "Traceback" not in result.stderr

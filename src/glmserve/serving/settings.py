@@ -50,6 +50,14 @@ class ServeSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype; auto: from the checkpoint"
     )
+    quantization: Literal["none", "int8", "int4"] | None = Field(
+        None,
+        description="Weight-only quantization of linear layers [default: as in the checkpoint; "
+        "a GGUF's 4-bit and Q8_0 weights stay so]",
+    )
+    quantization_group_size: int = Field(
+        EngineConfig.quantization_group_size, ge=16, description="int4 group size (input columns per scale)"
+    )
     max_model_len: int | None = Field(
         None, ge=1, description="Context limit in tokens [default: from the model]"
     )
@@ -92,6 +100,8 @@ class ServeSettings(BaseModel):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             dtype=self.dtype,
+            quantization=self.quantization,
+            quantization_group_size=self.quantization_group_size,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             kv_cache_memory=self.kv_cache_memory,
