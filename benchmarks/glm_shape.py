@@ -105,6 +105,8 @@ def decode_weight_bytes(model: torch.nn.Module, embedding: torch.nn.Module) -> i
         if isinstance(module, Linear) and module.packed is not None:
             total += sum(t.nbytes for t in vars(module.packed).values() if isinstance(t, torch.Tensor))
             total += module.bias.nbytes if module.bias is not None else 0
+        elif isinstance(module, Linear) and module.prepacked is not None:  # dense, in oneDNN's layout
+            total += module.prepacked.nbytes + (module.bias.nbytes if module.bias is not None else 0)
         else:
             total += sum(p.nbytes for p in module.parameters(recurse=False) if p is not None)
     return total

@@ -21,8 +21,11 @@ def stored_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     float buffer that the largest layer dequantizing per call expands into."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += packed_bytes(getattr(model, "quantized_output", None))  # a tied output in the file's form
+    total += packed_bytes(getattr(model, "prepacked_output", None))  # and in oneDNN's layout
     buffer = 0
     for module in model.modules():
+        if isinstance(module, Linear) and module.prepacked is not None:  # the dense weight, oneDNN layout
+            total += packed_bytes(module.prepacked)
         if isinstance(module, Linear) and module.packed is not None:
             total += packed_bytes(module.packed)
             if not module.packed.is_fused:

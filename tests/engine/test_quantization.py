@@ -138,7 +138,7 @@ def test_merged_linear_packs_after_all_shards_and_keeps_dense_copy():
     layer.load_shard("weight", parts[0], 0)
     assert layer.packed is None  # waits for the second projection
     layer.load_shard("weight", parts[1], 1)
-    assert layer.packed is not None and layer.weight is not None
+    assert layer.packed is not None and layer.prepacked is not None  # the dense copy, in oneDNN layout
     dense = Int4Weight.concat(parts).dequantize()
     x1, x8 = torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16()  # int4 kernel / dense GEMM
     for x in (x1, x8):

@@ -20,7 +20,7 @@ from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.device import resolve_dtype
 from glmserve.engine.gguf_int4 import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.gguf_int4 import INT4_TYPES
-from glmserve.engine.layers.linear import Linear, is_output_layer
+from glmserve.engine.layers.linear import PREPACK_BF16, Linear, is_output_layer
 from glmserve.engine.layers.quant import keeps_dense_copy, quantized_bytes, select_kernel
 from glmserve.engine.models import model_class
 
@@ -122,6 +122,7 @@ def _gguf_weights_bytes(checkpoint, dtype: torch.dtype, keep_dense: bool, device
         else:  # GGUF lists dimensions innermost first: [K, N]
             shape = (sum(int(t.shape[1]) for t in group), int(group[0].shape[0]))
             weights.add_quantized(scheme, shape, GGUF_GROUP_SIZE, keep_dense)
+    weights.stored += _tied_output_copy_bytes(checkpoint.config, dtype, device, keep_dense)
     embedding = next((t for t in tensors if t.name == "token_embd.weight"), None)
     scheme = _kept_scheme([embedding]) if embedding is not None else None
     if checkpoint.config.tie_word_embeddings and scheme is not None:  # models/llama.py, keep_quantized_output
@@ -130,6 +131,14 @@ def _gguf_weights_bytes(checkpoint, dtype: torch.dtype, keep_dense: bool, device
         if kernel is not None and kernel.is_fused:
             weights.stored += quantized_bytes(scheme, shape, GGUF_GROUP_SIZE, dtype)
     return weights.total
+
+
+def _tied_output_copy_bytes(config: ModelConfig, dtype: torch.dtype, device: torch.device, keep_dense: bool) -> int:
+    """models/llama.py, prepack_tied_output: small CPU bf16 models keep a second copy of a tied
+    output layer, in oneDNN's layout."""
+    if config.tie_word_embeddings and keep_dense and PREPACK_BF16 and device.type == "cpu" and dtype == torch.bfloat16:
+        return config.vocab_size * config.hidden_size * dtype.itemsize
+    return 0
 
 
 def _is_linear(tensor) -> bool:
@@ -163,6 +172,9 @@ def _model_weights_bytes(
     with torch.device("meta"):
         model = model_class(config)(config)
     weights = _WeightBytes(device, dtype)
+    dense = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    keep_dense = quantization is None and keeps_dense_copy(dense, device)  # as ModelRunner decides
+    weights.stored += _tied_output_copy_bytes(config, dtype, device, keep_dense)
     for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             scheme = quantization if isinstance(module, Linear) and name == "weight" else None

@@ -50,16 +50,19 @@ class ModelRunner:
         self.model = build_model(model_config, self.dtype, self.device)
         # A pre-quantized checkpoint (glmserve quantize) runs as it was written.
         quantization = engine_config.quantization or getattr(checkpoint, "quantization", None)
-        self._plan_quantization(quantization, engine_config.quantization_group_size)
+        keep_dense = self._plan_quantization(quantization, engine_config.quantization_group_size)
         keep_quantized = quantization in (None, "int4")  # a GGUF's 4-bit and Q8_0 blocks, exactly
         load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_quantized=keep_quantized))
+        if keep_dense and hasattr(self.model, "prepack_tied_output"):
+            self.model.prepack_tied_output()
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_zeroed_blocks = 0
         self.generators: dict[str, torch.Generator] = {}
 
-    def _plan_quantization(self, quantization: str | None, group_size: int) -> None:
-        """Tell each linear layer how to store its weight before the weights arrive.
+    def _plan_quantization(self, quantization: str | None, group_size: int) -> bool:
+        """Tell each linear layer how to store its weight before the weights arrive; True when
+        the model is small enough to keep extra dense copies for many-row steps.
 
         Embeddings stay in the compute dtype (a lookup reads one row per token, nothing to gain);
         the output layer is int8 under int8 and int4 (per-channel int8 keeps logits close, and it
@@ -78,6 +81,7 @@ class ModelRunner:
                 module.quantization = ("int8" if is_head else quantization) if quantization in ("int8", "int4") else None
                 module.group_size = group_size
                 module.keep_dense_copy = keep_dense
+        return keep_dense
 
     # -- KV pool ------------------------------------------------------------------------------
     @property

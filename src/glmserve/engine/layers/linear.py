@@ -34,6 +34,12 @@ from glmserve.engine.layers.quant import (
 # torchao's prototype/hqq README).
 MAX_INT4_ROWS = 4
 
+# oneDNN reorders a plain bf16 weight into its blocked layout on every F.linear call; reordered once
+# at load (`_reorder_linear_weight`, as inductor's weight prepacking does), the same GEMM is 2-3x
+# faster for few rows (this machine, 3072x576: 1 row 137 -> 52 us, 16 rows 294 -> 161 us) and
+# ~1.3x for a 6B model's layers (27392x4096, 1 row: 14.0 -> 10.4 ms), with identical results.
+PREPACK_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 
 OUTPUT_LAYER_NAMES = ("lm_head", "output_layer")  # Llama / Baichuan, ChatGLM
 
@@ -50,6 +56,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: PackedInt4 | PackedInt8 | PackedInt8Blocks | PackedInt4Cuda | DequantInt4 | DequantInt8 | None = None
+        self.prepacked: torch.Tensor | None = None  # CPU bf16: the dense weight in oneDNN's layout
         # Set by the loader before weights arrive:
         self.quantization: str | None = None  # "int8" | "int4": quantize float weights as they load
         self.group_size = 64  # int4 group size for quantize-on-load
@@ -57,10 +64,20 @@ class Linear(nn.Module):
         self._pending: dict[int, torch.Tensor | QuantWeight] = {}  # weight shards not yet stored
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and (self.weight is None or x.shape[0] <= MAX_INT4_ROWS):
+        has_dense = self.weight is not None or self.prepacked is not None
+        if self.packed is not None and (not has_dense or x.shape[0] <= MAX_INT4_ROWS):
             out = self.packed.matmul(x)
             return out if self.bias is None else out + self.bias
+        if self.prepacked is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _prepack(self) -> None:
+        """Move a loaded dense CPU bf16 weight into oneDNN's layout (see PREPACK_BF16)."""
+        w = self.weight
+        if PREPACK_BF16 and w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+            self.prepacked = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
+            self.weight = None
 
     def load_shard(self, param_name: str, tensor: torch.Tensor | QuantWeight, shard: int = 0) -> None:
         """Take one checkpoint tensor for rows `shard` of the weight (or bias). Weight shards are
@@ -84,16 +101,19 @@ class Linear(nn.Module):
             for part in parts:
                 self.weight.data[start : start + part.shape[0]].copy_(_dense(part))
                 start += part.shape[0]
+            self._prepack()
             return
         merged = merged.to(self.weight.device)
         kernel = kernel_for(merged, self.weight.device, self.weight.dtype)
         if kernel is None:  # Q8_0 blocks where no kernel reads them
             self.weight.data.copy_(merged.dequantize())
+            self._prepack()
             return
         if self.keep_dense_copy:
             self.weight.data.copy_(merged.dequantize())
             if kernel.is_fused:  # for few-row steps; dequantizing per call never beats the dense copy
                 self.packed = kernel.from_weight(merged, self.weight.dtype)
+            self._prepack()
             return
         self.packed = kernel.from_weight(merged, self.weight.dtype)
         self.weight = None  # never written: its pages were never touched
