@@ -3,9 +3,10 @@
 `MergedLinear` holds several projections of the same input as one matrix (q/k/v, gate/up),
 so a step runs one GEMM instead of several; `load_shard` copies a checkpoint tensor into
 its rows. Weight-only quantization happens here, shard by shard as tensors load: a weight that
-arrives quantized (a GGUF's 4-bit or Q8_0 blocks) or is quantized on arrival (`quantization`) is stored, once all its shards
-are in, in the form `quant.select_kernel` picks for the device and dtype, and the float weight,
-never written, is dropped.
+arrives quantized (a GGUF's 4-bit or Q8_0 blocks) or is quantized on arrival (`quantization`) is
+stored, once all its shards are in, in the form `quant.select_kernel` picks for the device and
+dtype, and the float weight, never written, is dropped. Dense CPU bf16 weights are prepacked for
+oneDNN once they are complete (PREPACK_BF16).
 """
 
 from __future__ import annotations
