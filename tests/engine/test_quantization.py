@@ -26,6 +26,11 @@ class FakeTensor:
         self.tensor_type, self.shape, self.data = qtype, np.array([cols, rows]), data
 
 
+def assert_bf16_close(got, expected):
+    """bf16 activations, scales and zero points: ~3 significant digits of the output's largest magnitude."""
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 def random_blocks(qtype, rows, cols, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     num_blocks = rows * cols // BLOCK_WEIGHTS[qtype]
@@ -76,7 +81,7 @@ def test_packed_q8_0_matmul_matches_dequantized_reference():
     x = torch.randn(3, 128).bfloat16()
     got = PackedInt8Blocks.from_weight(weight, torch.bfloat16).matmul(x).float()
     expected = x.float() @ weight.dequantize().t()
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert_bf16_close(got, expected)
 
 
 def test_q8_0_layer_runs_packed_on_cpu_bf16_and_dense_elsewhere():
@@ -87,7 +92,7 @@ def test_q8_0_layer_runs_packed_on_cpu_bf16_and_dense_elsewhere():
         layer.load_shard("weight", weight)
         assert (layer.packed is not None) == packed
         expected = x @ weight.dequantize().t()
-        torch.testing.assert_close(layer(x.to(dtype)).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        assert_bf16_close(layer(x.to(dtype)).float(), expected)
 
 
 def test_bundled_model_keeps_its_q8_0_output_layer():
@@ -117,8 +122,7 @@ def test_packed_int4_matmul_matches_dequantized_reference():
     x = torch.randn(3, 128).bfloat16()
     got = PackedInt4.from_weight(weight, torch.bfloat16).matmul(x).float()
     expected = x.float() @ weight.dequantize().t()
-    # bf16 activations, scales and zero points: ~3 significant digits
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert_bf16_close(got, expected)
 
 
 @pytest.mark.parametrize("form", ["int4", "int8"])
@@ -213,7 +217,7 @@ def test_int8_linear_matches_dequantized_reference():
     assert layer.weight is None and layer.packed is not None
     x = torch.randn(2, 128).bfloat16()
     expected = x.float() @ Int8Weight.quantize(w).dequantize().t()
-    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert_bf16_close(layer(x).float(), expected)
 
 
 @functools.cache
@@ -254,7 +258,7 @@ def test_int8_layers_of_any_width_are_correct(in_features):
     layer.load_shard("weight", w)
     x = torch.randn(3, in_features).bfloat16()
     expected = x.float() @ Int8Weight.quantize(w).dequantize().t()
-    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert_bf16_close(layer(x).float(), expected)
 
 
 def test_int4_packing_in_row_blocks_equals_whole_matrix(monkeypatch):

@@ -20,7 +20,7 @@ from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.device import resolve_dtype
 from glmserve.engine.gguf_int4 import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.gguf_int4 import INT4_TYPES
-from glmserve.engine.layers.linear import PREPACK_BF16, Linear, is_output_layer
+from glmserve.engine.layers.linear import Linear, is_output_layer, prepacks
 from glmserve.engine.layers.quant import keeps_dense_copy, quantized_bytes, select_kernel
 from glmserve.engine.models import model_class
 
@@ -136,7 +136,7 @@ def _gguf_weights_bytes(checkpoint, dtype: torch.dtype, keep_dense: bool, device
 def _tied_output_copy_bytes(config: ModelConfig, dtype: torch.dtype, device: torch.device, keep_dense: bool) -> int:
     """models/llama.py, prepack_tied_output: small CPU bf16 models keep a second copy of a tied
     output layer, in oneDNN's layout."""
-    if config.tie_word_embeddings and keep_dense and PREPACK_BF16 and device.type == "cpu" and dtype == torch.bfloat16:
+    if config.tie_word_embeddings and keep_dense and prepacks(device, dtype):
         return config.vocab_size * config.hidden_size * dtype.itemsize
     return 0
 

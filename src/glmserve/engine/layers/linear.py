@@ -42,6 +42,20 @@ MAX_INT4_ROWS = 4
 PREPACK_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def prepacks(device: torch.device, dtype: torch.dtype) -> bool:
+    """Do dense weights of this device and dtype go into oneDNN's layout (for the memory estimate too)?"""
+    return PREPACK_BF16 and device.type == "cpu" and dtype == torch.bfloat16
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """[N, K] weight in oneDNN's layout for `prepacked_linear`, or None where it does not apply."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.data, 1) if prepacks(weight.device, weight.dtype) else None
+
+
+def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 OUTPUT_LAYER_NAMES = ("lm_head", "output_layer")  # Llama / Baichuan, ChatGLM
 
 
@@ -70,14 +84,13 @@ class Linear(nn.Module):
             out = self.packed.matmul(x)
             return out if self.bias is None else out + self.bias
         if self.prepacked is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, "none", [], "")
+            return prepacked_linear(x, self.prepacked, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def _prepack(self) -> None:
         """Move a loaded dense CPU bf16 weight into oneDNN's layout (see PREPACK_BF16)."""
-        w = self.weight
-        if PREPACK_BF16 and w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16:
-            self.prepacked = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
+        self.prepacked = prepack(self.weight)
+        if self.prepacked is not None:
             self.weight = None
 
     def load_shard(self, param_name: str, tensor: torch.Tensor | QuantWeight, shard: int = 0) -> None:

@@ -238,27 +238,23 @@ class PackedInt4:
 
     @staticmethod
     def from_weight(weight: Int4Weight, dtype: torch.dtype) -> PackedInt4:
-        return PackedInt4.from_row_blocks(weight.shape[0], lambda rows: weight, dtype)
+        n, k = weight.shape
+        return PackedInt4.from_row_blocks(n, k, weight.group_size, lambda span: weight.map_rows(lambda t: t[span]), dtype)
 
     @staticmethod
-    def from_row_blocks(n: int, block_of, dtype: torch.dtype) -> PackedInt4:
-        """Pack an [N, K] Int4Weight given by `block_of(rows)`, a weight whose rows include `rows`
-        (the whole one, or just those rows). The kernel packs rows in independent blocks of 64, so
-        blocks of rows convert separately: the int32 input the op wants is then a bounded temporary,
-        not 4 bytes per weight at once."""
-        k = block_of(slice(0, 1)).shape[1]
+    def from_row_blocks(n: int, k: int, group_size: int, rows_of, dtype: torch.dtype) -> PackedInt4:
+        """Pack an [N, K] Int4Weight whose rows `span` are `rows_of(span)`. The kernel packs rows in
+        independent blocks of 64, so blocks of rows convert separately: the int32 input the op wants
+        (and a derived weight's rows, as Q8_0 halves) is then a bounded temporary, not 4 bytes per
+        weight at once."""
         rows = max(64, QUANTIZE_CHUNK // k // 64 * 64)
         packed = torch.empty(n, k // 2, dtype=torch.uint8)
-        scales_and_zeros, group_size = [], 0
+        scales_and_zeros = []
         for start in range(0, n, rows):
             span = slice(start, min(start + rows, n))
-            block = block_of(span)
-            if block.shape[0] == n:  # the whole weight: take the rows
-                block = Int4Weight(block.q[span], block.scale[span], block.minimum[span], block.group_size)
-            q = block.q.to(torch.int32)
-            packed[span] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            block = rows_of(span)
+            packed[span] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block.q.to(torch.int32), 1)
             scales_and_zeros.append(_scales_and_zeros(block, dtype))
-            group_size = block.group_size
         return PackedInt4(packed, torch.cat(scales_and_zeros, 1), group_size, n)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,7 +275,8 @@ class PackedInt8Blocks:
 
     @staticmethod
     def from_weight(weight: Int8BlockWeight, dtype: torch.dtype) -> PackedInt8Blocks:
-        return PackedInt8Blocks(PackedInt4.from_row_blocks(weight.shape[0], weight.as_int4_halves, dtype))
+        n, k = weight.shape
+        return PackedInt8Blocks(PackedInt4.from_row_blocks(n, 2 * k, weight.group_size, weight.as_int4_halves, dtype))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.halves.matmul(torch.cat([x, x], -1))

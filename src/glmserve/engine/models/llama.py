@@ -12,7 +12,7 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
-from glmserve.engine.layers.linear import MAX_INT4_ROWS, PREPACK_BF16, Linear, MergedLinear
+from glmserve.engine.layers.linear import MAX_INT4_ROWS, Linear, MergedLinear, prepack, prepacked_linear
 from glmserve.engine.layers.norm import RMSNorm
 from glmserve.engine.layers.quant import QuantWeight, kernel_for
 from glmserve.engine.layers.rotary import RotaryEmbedding
@@ -94,11 +94,10 @@ class LlamaForCausalLM(nn.Module):
 
     def prepack_tied_output(self) -> None:
         """Small models on CPU in bf16 also keep the tied output layer in oneDNN's layout (see
-        layers/linear.py, PREPACK_BF16) for many-row steps: 16 rows of SmolLM2's 49152x576 take
+        layers/linear.py, prepack) for many-row steps: 16 rows of SmolLM2's 49152x576 take
         3.4 ms instead of 7.3 with the embedding's plain layout."""
-        embedding = self.model.embed_tokens.weight
-        if self.lm_head is None and PREPACK_BF16 and embedding.device.type == "cpu" and embedding.dtype == torch.bfloat16:
-            self.prepacked_output = torch.ops.mkldnn._reorder_linear_weight(embedding.data, 1)
+        if self.lm_head is None:
+            self.prepacked_output = prepack(self.model.embed_tokens.weight)
 
     def keep_quantized_output(self, weight: QuantWeight) -> None:
         """Tied embeddings from a GGUF come quantized (SmolLM2's Q8_0). A lookup needs the dense
@@ -125,6 +124,6 @@ class LlamaForCausalLM(nn.Module):
             if self.quantized_output is not None and hidden.shape[0] <= MAX_INT4_ROWS:
                 return self.quantized_output.matmul(hidden).float()
             if self.prepacked_output is not None:
-                return torch.ops.mkldnn._linear_pointwise(hidden, self.prepacked_output, None, "none", [], "").float()
+                return prepacked_linear(hidden, self.prepacked_output, None).float()
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
