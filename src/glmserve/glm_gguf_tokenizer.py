@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import struct
 
-import gguf
 from gguf import TokenType
 
+from glmserve.gguf_file import GGUFFile
 from glmserve.glm_tokenizers import (
     CHATGLM_SPECIALS,
     GLM4_SPECIALS,
@@ -34,13 +34,12 @@ GGUF_ARCH = "chatglm"  # llama.cpp's name for ChatGLM3-6B and GLM-4-9B(-Chat)
 GLM4_PRE_TOKENIZERS = ("chatglm-bpe",)  # llama.cpp's name for THUDM's split regex (GLM4_PATTERN)
 
 
-def is_glm_gguf(reader: gguf.GGUFReader) -> bool:
-    field = reader.get_field("general.architecture")
-    return field is not None and field.contents() == GGUF_ARCH
+def is_glm_gguf(gguf_file: GGUFFile) -> bool:
+    return gguf_file.fields.get("general.architecture") == GGUF_ARCH
 
 
-def load_glm_gguf_tokenizer(reader: gguf.GGUFReader, name: str) -> GLMTokenizer:
-    meta = {key: f.contents() for key, f in reader.fields.items() if key.startswith("tokenizer.ggml.")}
+def load_glm_gguf_tokenizer(gguf_file: GGUFFile, name: str) -> GLMTokenizer:
+    meta = {key: value for key, value in gguf_file.fields.items() if key.startswith("tokenizer.ggml.")}
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
         if key not in meta:
             raise ValueError(f"{name}: chatglm GGUF has no {key!r}, so its tokenizer cannot be rebuilt")

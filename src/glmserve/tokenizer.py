@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import tokenizers
-from gguf import GGUFReader, TokenType
+from gguf import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from glmserve.baichuan_tokenizer import is_baichuan_tokenizer_folder, load_baichuan_tokenizer
 from glmserve.chat.template import render_chat, render_segments, special_pattern
-from glmserve.gguf_file import open_gguf_reader
+from glmserve.gguf_file import open_gguf_file
 from glmserve.glm_gguf_tokenizer import is_glm_gguf, load_glm_gguf_tokenizer
 from glmserve.glm_tokenizers import is_glm_tokenizer_folder, load_glm_tokenizer
 
@@ -219,10 +218,10 @@ FOLDER_LOADERS: list[tuple[str | Callable[[Path], bool], Callable[[Path], Tokeni
 
 
 def load_gguf_tokenizer(path: Path) -> Tokenizer:
-    reader = open_gguf_reader(path)
-    if is_glm_gguf(reader):  # ChatGLM3 / GLM-4: their own tokenizer classes and chat formats
-        return load_glm_gguf_tokenizer(reader, path.name)
-    meta = _read_gguf_tokenizer_metadata(reader)
+    gguf_file = open_gguf_file(path)
+    if is_glm_gguf(gguf_file):  # ChatGLM3 / GLM-4: their own tokenizer classes and chat formats
+        return load_glm_gguf_tokenizer(gguf_file, path.name)
+    meta = {key: value for key, value in gguf_file.fields.items() if key.startswith("tokenizer.")}
     kind = meta.get("tokenizer.ggml.model")
     if kind not in GGUF_BUILDERS:
         raise ValueError(
@@ -244,10 +243,6 @@ def load_gguf_tokenizer(path: Path) -> Tokenizer:
         extra_stop_ids=[meta[key] for key in end_of_turn_keys if key in meta],
         chat_template=meta.get("tokenizer.chat_template"),
     )
-
-
-def _read_gguf_tokenizer_metadata(reader: GGUFReader) -> dict[str, Any]:
-    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
 
 
 def _add_gguf_added_tokens(backend: tokenizers.Tokenizer, meta: dict) -> None:

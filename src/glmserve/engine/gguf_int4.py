@@ -19,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight
+from glmserve.gguf_file import GGUFTensor
 
 INT4_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q4_K)
 KEPT_TYPES = (*INT4_TYPES, QType.Q8_0)  # read as they are stored by read_quantized
@@ -57,7 +58,7 @@ def _q4_k(blocks: np.ndarray):
 _EXTRACT = {QType.Q4_0: (_q4_0, 18), QType.Q4_1: (_q4_1, 20), QType.Q4_K: (_q4_k, 144)}
 
 
-def read_int4(tensor: gguf.ReaderTensor) -> Int4Weight:
+def read_int4(tensor: GGUFTensor) -> Int4Weight:
     """A 2-D 4-bit GGUF tensor as Int4Weight in torch layout [out_features, in_features]."""
     extract, block_bytes = _EXTRACT[tensor.tensor_type]
     rows, cols = int(tensor.shape[1]), int(tensor.shape[0])  # GGUF lists the row length first
@@ -71,7 +72,7 @@ def read_int4(tensor: gguf.ReaderTensor) -> Int4Weight:
     )
 
 
-def read_q8_0(tensor: gguf.ReaderTensor) -> Int8BlockWeight:
+def read_q8_0(tensor: GGUFTensor) -> Int8BlockWeight:
     """A 2-D Q8_0 GGUF tensor as Int8BlockWeight in torch layout [out_features, in_features]."""
     rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
     blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, 34)
@@ -82,6 +83,6 @@ def read_q8_0(tensor: gguf.ReaderTensor) -> Int8BlockWeight:
     )
 
 
-def read_quantized(tensor: gguf.ReaderTensor) -> Int4Weight | Int8BlockWeight:
+def read_quantized(tensor: GGUFTensor) -> Int4Weight | Int8BlockWeight:
     """A 2-D tensor of one of KEPT_TYPES, exactly as stored."""
     return read_q8_0(tensor) if tensor.tensor_type == QType.Q8_0 else read_int4(tensor)

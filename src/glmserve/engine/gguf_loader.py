@@ -3,7 +3,7 @@
 Archs `llama` and `qwen2` map to Hugging Face Llama names; `chatglm` (ChatGLM3-6B, GLM-4-9B, as
 llama.cpp's convert_hf_to_gguf.py `ChatGLMModel` writes them) to THUDM's names for
 models/glm.py's ChatGLMForCausalLM, or to transformers' GlmForCausalLM names when q/k/v come apart.
-The file is memory-mapped by `gguf.GGUFReader`; each tensor is dequantized on its own,
+The file is memory-mapped (gguf_file.py); each tensor is dequantized on its own,
 converted and handed over, so peak memory stays near one model in the target dtype.
 """
 
@@ -21,9 +21,9 @@ from gguf import GGMLQuantizationType as QType
 from glmserve.config import ModelConfig
 from glmserve.engine.gguf_int4 import KEPT_TYPES, read_quantized
 from glmserve.engine.layers.quant import QuantWeight
-from glmserve.gguf_file import open_gguf_reader
+from glmserve.gguf_file import GGUFFile, GGUFTensor, is_gguf_file, open_gguf_file
 
-GGUF_MAGIC = b"GGUF"
+__all__ = ["GGUFCheckpoint", "is_gguf_file", "open_gguf", "read_gguf_metadata"]
 
 # GGUF arch -> are attn_q/attn_k rows permuted by llama.cpp's converter (`LlamaModel.permute`)?
 # (`ChatGLMModel` keeps THUDM's row order: its rotary pairs are adjacent rows, as ggml's.)
@@ -107,7 +107,7 @@ GLM_NAMES = TensorNames("transformers GLM", LLAMA_NAMES.top_level, _GLM_BLOCK, "
 class GGUFCheckpoint:
     path: Path
     config: ModelConfig
-    reader: gguf.GGUFReader = field(repr=False)
+    reader: GGUFFile = field(repr=False)
     is_rope_permuted: bool = False
     names: TensorNames = LLAMA_NAMES
     format: str = "gguf"
@@ -138,11 +138,6 @@ class GGUFCheckpoint:
         return None
 
 
-def is_gguf_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-
-
 def open_gguf(path: Path) -> GGUFCheckpoint:
     reader = open_reader(path)
     arch = _value(reader, "general.architecture")
@@ -160,21 +155,16 @@ def open_gguf(path: Path) -> GGUFCheckpoint:
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All metadata key/values as plain Python values (str, int, float, bool, lists); no tensor data is read."""
-    reader = open_reader(Path(path))
-    # GGUF.version / tensor_count / kv_count are header fields the reader adds, not metadata.
-    return {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+    return dict(open_reader(Path(path)).fields)
 
 
-def open_reader(path: Path) -> gguf.GGUFReader:
+def open_reader(path: Path) -> GGUFFile:
     if not is_gguf_file(path):
         raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
-    reader = open_gguf_reader(path)
-    if reader.byte_order != "I":
-        raise ValueError(f"{path}: GGUF files in the other byte order than this machine's are not supported")
-    return reader
+    return open_gguf_file(path)
 
 
-def check_tensors(reader: gguf.GGUFReader, names: TensorNames) -> None:
+def check_tensors(reader: GGUFFile, names: TensorNames) -> None:
     """Fail at open time, not halfway through loading, on tensors we cannot map or dequantize."""
     for tensor in reader.tensors:
         names.hf_name(tensor.name)
@@ -185,7 +175,7 @@ def check_tensors(reader: gguf.GGUFReader, names: TensorNames) -> None:
             )
 
 
-def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
+def gguf_model_config(reader: GGUFFile) -> ModelConfig:
     arch = _value(reader, "general.architecture")
     tensor_names = {t.name for t in reader.tensors}
     # Llama's rotary covers whole heads: rope.dimension_count is the head size when key_length is absent.
@@ -205,7 +195,7 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
 CHATGLM_STOP_TOKENS = ("<|user|>", "<|observation|>")
 
 
-def chatglm_model_config(reader: gguf.GGUFReader) -> ModelConfig:
+def chatglm_model_config(reader: GGUFFile) -> ModelConfig:
     """llama.cpp's `chatglm`: rotary on the first rope.dimension_count dims of each head (the
     converter writes head_dim / 2), as adjacent pairs (ggml's "normal" rope); q/k/v with bias.
     Architecture "chatglm" (THUDM layout) when q/k/v are fused, else "glm" (transformers')."""
@@ -228,7 +218,7 @@ def chatglm_model_config(reader: gguf.GGUFReader) -> ModelConfig:
     )
 
 
-def _common_fields(reader: gguf.GGUFReader, arch: str, head_dim: int | None) -> dict[str, Any]:
+def _common_fields(reader: GGUFFile, arch: str, head_dim: int | None) -> dict[str, Any]:
     def arch_value(key: str, default: Any = _REQUIRED) -> Any:
         return _value(reader, f"{arch}.{key}", default)
 
@@ -249,34 +239,33 @@ def _common_fields(reader: gguf.GGUFReader, arch: str, head_dim: int | None) -> 
     )
 
 
-def _value(reader: gguf.GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
-    f = reader.get_field(key)
-    if f is not None:
-        return f.contents()
+def _value(reader: GGUFFile, key: str, default: Any = _REQUIRED) -> Any:
+    if key in reader.fields:
+        return reader.fields[key]
     if default is _REQUIRED:
         raise ValueError(f"GGUF metadata has no {key!r}")
     return default
 
 
-def _num_tokens(reader: gguf.GGUFReader) -> int:
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+def _num_tokens(reader: GGUFFile) -> int:
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise ValueError("GGUF metadata has neither <arch>.vocab_size nor tokenizer.ggml.tokens")
-    return len(tokens.data)  # one data index per string; no need to decode the strings
+    return len(tokens)
 
 
-def _eos_token_ids(reader: gguf.GGUFReader) -> tuple[int, ...]:
+def _eos_token_ids(reader: GGUFFile) -> tuple[int, ...]:
     # eot/eom: end of turn / end of message, e.g. Llama 3's <|eot_id|>, <|eom_id|>.
     keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     ids = (_value(reader, key, None) for key in keys)
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-def dequantize_tensor(tensor: gguf.ReaderTensor) -> torch.Tensor:
+def dequantize_tensor(tensor: GGUFTensor) -> torch.Tensor:
     """float32 tensor in torch layout. GGUF lists dims fastest-first (ne[0] = row length),
     so the torch shape is the GGUF shape reversed; `tensor.data` holds raw blocks per row."""
     array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    shape = tuple(reversed(tensor.shape.tolist()))
+    shape = tuple(reversed(tensor.shape))
     if array.shape != shape:
         raise ValueError(f"GGUF tensor {tensor.name!r} dequantized to {array.shape}, expected {shape}")
     if not array.flags.writeable:

@@ -31,7 +31,9 @@ def model_class(config: ModelConfig) -> type[nn.Module]:
         return MODEL_CLASSES[config.architecture]
     except KeyError:
         supported = ", ".join(sorted(MODEL_CLASSES))
-        raise ValueError(f"unsupported model architecture {config.architecture!r} (supported: {supported})") from None
+        raise ValueError(
+            f"unsupported model architecture {config.architecture!r} (supported: {supported})"
+        ) from None
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -101,7 +103,9 @@ def _copy_param(module: nn.Module, param_name: str, tensor, name: str) -> None:
     if not isinstance(param, torch.Tensor):
         raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
     if param.shape != tensor.shape:
-        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}"
+        )
     param.data.copy_(tensor)
 
 

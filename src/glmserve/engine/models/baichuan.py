@@ -20,6 +20,7 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
+from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.norm import RMSNorm
 from glmserve.engine.layers.quant import Int4Weight, Int8Weight, QuantWeight
@@ -80,7 +81,7 @@ class BaichuanDecoderLayer(nn.Module):
 class BaichuanModel(nn.Module):
     def __init__(self, config: ModelConfig, use_alibi: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = token_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             BaichuanDecoderLayer(config, use_alibi) for _ in range(config.num_hidden_layers)
         )

@@ -19,6 +19,7 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
+from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.norm import RMSNorm
 from glmserve.engine.layers.rotary import RotaryEmbedding
@@ -87,7 +88,7 @@ class GLMBlock(nn.Module):
 class Embedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = token_embedding(config.vocab_size, config.hidden_size)
 
 
 class Encoder(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
+from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import MAX_INT4_ROWS, Linear, MergedLinear, prepack, prepacked_linear
 from glmserve.engine.layers.norm import RMSNorm
 from glmserve.engine.layers.quant import QuantWeight, kernel_for
@@ -25,7 +26,9 @@ class LlamaAttention(nn.Module):
         super().__init__()
         h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.qkv_proj = MergedLinear(config.hidden_size, [h * d, kvh * d, kvh * d], bias=config.attention_bias)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [h * d, kvh * d, kvh * d], bias=config.attention_bias
+        )
         self.o_proj = Linear(h * d, config.hidden_size)
         self.attn = PagedAttention(h, kvh, d)
 
@@ -66,7 +69,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = token_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -110,7 +113,9 @@ class LlamaForCausalLM(nn.Module):
         if kernel is not None and kernel.is_fused:
             self.quantized_output = kernel.from_weight(weight.to(embedding.device), embedding.dtype)
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
