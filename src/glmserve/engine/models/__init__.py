@@ -18,6 +18,10 @@ from glmserve.engine.models.baichuan import BaichuanForCausalLM
 from glmserve.engine.models.glm import ChatGLMForCausalLM, GlmForCausalLM
 from glmserve.engine.models.llama import LlamaForCausalLM
 
+# malloc_trim takes ~1 ms: give freed pages back once per this many bytes of loaded weights
+# (counted as float32), not after every small norm or bias.
+TRIM_EVERY_BYTES = 64 * 2**20
+
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "chatglm": ChatGLMForCausalLM,  # THUDM's ChatGLM2/3 and GLM-4 files
@@ -60,6 +64,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | Q
     loaded: set[tuple[str, str, int]] = set()
     packed = getattr(model, "packed_modules", {})
     device = next(model.parameters()).device
+    untrimmed = 0
     for name, tensor in tensors:
         module_path, param_name, shard = _target(name, packed)
         module = _submodule(model, module_path, name)
@@ -70,9 +75,13 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | Q
             if isinstance(tensor, QuantWeight) and name == getattr(model, "tied_embedding", None):
                 model.keep_quantized_output(tensor)
         loaded.add((module_path, param_name, shard))
+        untrimmed += 4 * (tensor.q if isinstance(tensor, QuantWeight) else tensor).numel()
         del tensor
-        if device.type == "cpu":
+        if device.type == "cpu" and untrimmed >= TRIM_EVERY_BYTES:
             release_freed_memory()
+            untrimmed = 0
+    if device.type == "cpu":
+        release_freed_memory()
     missing = sorted(expected - loaded)
     if missing:
         examples = [f"{m}.{p}" + (f" (part {s})" if s else "") for m, p, s in missing[:3]]
