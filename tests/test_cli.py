@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from glmserve.cli import ChatSession, parse_line, read_items, run_batch
+from glmserve.batch import parse_line, read_items, run_batch
+from glmserve.cli import ChatSession
 from glmserve.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 

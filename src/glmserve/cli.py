@@ -1,4 +1,5 @@
-"""The `glmserve` command: one typer app, one function per subcommand (serve, chat, generate, estimate).
+"""The `glmserve` command: one typer app, one function per subcommand (serve, chat, generate, estimate,
+quantize); the requests of `generate` are checked and run in batch.py.
 
 Every user error ends the process with one line on stderr and exit code 1, never a traceback.
 Torch and the engine are imported only once a command loads a model, so `--help` stays fast.
@@ -16,6 +17,7 @@ from typing import Annotated, Any, NoReturn, TextIO
 
 import typer
 
+from glmserve.batch import BatchItem, read_items, run_batch
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model_path import ModelNotFoundError, resolve_model_path
 from glmserve.serving.cli import serve
@@ -81,7 +83,9 @@ def make_params(**kwargs: Any) -> SamplingParams:
         fail(str(e))
 
 
-def load_llm(model: str | None, dtype: Dtype, max_model_len: int | None, quantization: Quantization | None = None) -> Any:
+def load_llm(
+    model: str | None, dtype: Dtype, max_model_len: int | None, quantization: Quantization | None = None
+) -> Any:
     try:
         path = resolve_model_path(model)
     except ModelNotFoundError as e:
@@ -202,14 +206,20 @@ def chat(
         float | None, typer.Option(help="0 is greedy [default: the model family's]", show_default=False)
     ] = None,
     top_p: Annotated[
-        float | None, typer.Option(help="Nucleus sampling mass [default: the model family's]", show_default=False)
+        float | None,
+        typer.Option(help="Nucleus sampling mass [default: the model family's]", show_default=False),
     ] = None,
     max_length: Annotated[
         int | None,
-        typer.Option(min=2, help="Prompt plus answer tokens per turn [default: the model family's]", show_default=False),
+        typer.Option(
+            min=2, help="Prompt plus answer tokens per turn [default: the model family's]", show_default=False
+        ),
     ] = None,
     tools: Annotated[
-        bool, typer.Option("--tools", help="Let a ChatGLM3 / GLM-4 model call the built-in tools (time, calculator, Python)")
+        bool,
+        typer.Option(
+            "--tools", help="Let a ChatGLM3 / GLM-4 model call the built-in tools (time, calculator, Python)"
+        ),
     ] = False,
 ) -> None:
     """Chat in the terminal. Answers stream as they are generated.
@@ -239,72 +249,6 @@ def chat(
 
 # ---------------------------------------------------------------- generate
 
-LINE_PARAM_TYPES = {
-    "max_tokens": "int",
-    "seed": "int",
-    "temperature": "number",
-    "top_p": "number",
-    "stop": "str_list",
-}
-
-
-@dataclass
-class BatchItem:
-    """One non-blank input line: a request to run, or the reason it cannot run."""
-
-    index: int
-    line_no: int
-    prompt: str | list[dict] | None = None  # text, or a list of chat messages
-    params: SamplingParams | None = None
-    error: str | None = None
-    result: dict | None = None
-
-    @property
-    def is_chat(self) -> bool:
-        return isinstance(self.prompt, list)
-
-
-def is_param_type(value: Any, kind: str) -> bool:
-    if kind == "str_list":
-        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    return is_int if kind == "int" else is_int or isinstance(value, float)
-
-
-def is_message_list(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-    )
-
-
-def parse_line(text: str, defaults: dict) -> tuple[str | list[dict], SamplingParams]:
-    """One JSONL request -> (prompt or messages, params). Raises ValueError with a one-line reason."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError("expected a JSON object")
-    unknown = sorted(obj.keys() - {"prompt", "messages"} - LINE_PARAM_TYPES.keys())
-    if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-    if ("prompt" in obj) == ("messages" in obj):
-        raise ValueError("need exactly one of 'prompt' (a string) or 'messages' (a list)")
-    if "prompt" in obj and not isinstance(obj["prompt"], str):
-        raise ValueError("'prompt' must be a string")
-    if "messages" in obj and not is_message_list(obj["messages"]):
-        raise ValueError('\'messages\' must be a non-empty list of {"role": str, "content": str}')
-    overrides = {k: v for k, v in obj.items() if k in LINE_PARAM_TYPES}
-    for name, value in overrides.items():
-        if not is_param_type(value, LINE_PARAM_TYPES[name]):
-            raise ValueError(f"'{name}' must be of type {LINE_PARAM_TYPES[name]}")
-    return obj.get("prompt", obj.get("messages")), SamplingParams(**{**defaults, **overrides})
-
 
 def read_lines(path: str) -> list[str]:
     source = open_stream(path, "r")
@@ -315,75 +259,6 @@ def read_lines(path: str) -> list[str]:
     finally:
         if source is not sys.stdin:
             source.close()
-
-
-def read_items(lines: list[str], defaults: dict) -> list[BatchItem]:
-    items: list[BatchItem] = []
-    for line_no, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        item = BatchItem(index=len(items), line_no=line_no)
-        try:
-            item.prompt, item.params = parse_line(text, defaults)
-        except ValueError as e:
-            item.error = str(e)
-        items.append(item)
-    return items
-
-
-def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[int] | None:
-    """The prompt's token ids; sets item.error for what the engine would refuse (it rejects
-    a whole batch for one bad request), and clamps max_tokens to the room left."""
-    try:
-        if item.is_chat:
-            prompt_ids = tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True)
-        else:
-            # As llm.generate(text) does: special-token strings in a raw prompt are recognised.
-            prompt_ids = tokenizer.encode(item.prompt, add_special_tokens=True, parse_special=True)
-    except Exception as e:  # a malformed conversation fails its own line, never the batch
-        item.error = f"cannot build the prompt: {e}"
-        return None
-    room = max_model_len - len(prompt_ids)
-    if not prompt_ids:
-        item.error = "the prompt is empty"
-    elif room < 1:
-        item.error = f"prompt too long: {len(prompt_ids)} tokens, the context limit is {max_model_len}"
-    if item.error:
-        return None
-    if item.params.max_tokens is None or item.params.max_tokens > room:
-        item.params = replace(item.params, max_tokens=room)  # finishes with "length" at the context limit
-    return prompt_ids
-
-
-def run_batch(llm: Any, items: list[BatchItem]) -> None:
-    """Run every runnable item: at most one batched llm.generate and one llm.chat call."""
-    tokenizer = llm.get_tokenizer()
-    prompt_ids: dict[int, list[int] | None] = {}
-    for item in items:
-        if not item.error:
-            prompt_ids[item.index] = fit_to_context(item, tokenizer, llm.max_model_len)
-    runnable = [item for item in items if not item.error]  # fit_to_context may have set errors
-    texts = [item for item in runnable if not item.is_chat]
-    chats = [item for item in runnable if item.is_chat]
-    if texts:
-        inputs = [{"prompt_token_ids": prompt_ids[item.index]} for item in texts]
-        collect(texts, llm.generate(inputs, [item.params for item in texts], use_tqdm=True))
-    if chats:
-        collect(
-            chats, llm.chat([item.prompt for item in chats], [item.params for item in chats], use_tqdm=True)
-        )
-
-
-def collect(items: list[BatchItem], outputs: list[Any]) -> None:
-    for item, out in zip(items, outputs, strict=True):
-        completion = out.outputs[0]
-        item.result = {
-            "index": item.index,
-            "text": completion.text,
-            "finish_reason": completion.finish_reason,
-            "prompt_tokens": len(out.prompt_token_ids),
-            "completion_tokens": len(completion.token_ids),
-        }
 
 
 def open_stream(path: str, mode: str) -> TextIO:
@@ -465,7 +340,9 @@ def estimate(
     from glmserve.engine.memory import estimate_memory
 
     config = EngineConfig(
-        dtype=dtype.value, quantization=quantization.value if quantization else None, max_num_seqs=max_num_seqs
+        dtype=dtype.value,
+        quantization=quantization.value if quantization else None,
+        max_num_seqs=max_num_seqs,
     )
     try:
         checkpoint = open_checkpoint(path)
@@ -488,8 +365,12 @@ app.command()(serve)
 
 @app.command()
 def quantize(
-    output: Annotated[str, typer.Option("--output", "-o", help="Folder to write the quantized checkpoint to")],
-    quantization: Annotated[Quantization, typer.Option(help="int4 (group-wise) or int8 (per channel)")] = Quantization.int4,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Folder to write the quantized checkpoint to")
+    ],
+    quantization: Annotated[
+        Quantization, typer.Option(help="int4 (group-wise) or int8 (per channel)")
+    ] = Quantization.int4,
     model: ModelOption = None,
     group_size: Annotated[int, typer.Option(min=16, help="int4 group size (input columns per scale)")] = 64,
 ) -> None:
@@ -507,7 +388,9 @@ def quantize(
     from glmserve.engine.quantized_checkpoint import write_quantized
 
     try:
-        size = write_quantized(open_checkpoint(path), Path(output), quantization.value, group_size, torch.bfloat16)
+        size = write_quantized(
+            open_checkpoint(path), Path(output), quantization.value, group_size, torch.bfloat16
+        )
     except (ValueError, OSError) as e:
         fail(str(e))
     typer.echo(f"wrote {output} ({size / 2**30:.2f} GiB of weights, {quantization.value})")

@@ -1,0 +1,148 @@
+"""`glmserve generate`'s requests: JSONL lines -> checked requests -> one batched run.
+
+Every line stays an item, in order: a request the engine runs, or the one-line reason it cannot
+run (bad JSON, unknown fields, a prompt past the context), so no line is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from glmserve.engine.sampling_params import SamplingParams
+
+LINE_PARAM_TYPES = {
+    "max_tokens": "int",
+    "seed": "int",
+    "temperature": "number",
+    "top_p": "number",
+    "stop": "str_list",
+}
+
+
+@dataclass
+class BatchItem:
+    """One non-blank input line: a request to run, or the reason it cannot run."""
+
+    index: int
+    line_no: int
+    prompt: str | list[dict] | None = None  # text, or a list of chat messages
+    params: SamplingParams | None = None
+    error: str | None = None
+    result: dict | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def is_param_type(value: Any, kind: str) -> bool:
+    if kind == "str_list":
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int if kind == "int" else is_int or isinstance(value, float)
+
+
+def is_message_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def parse_line(text: str, defaults: dict) -> tuple[str | list[dict], SamplingParams]:
+    """One JSONL request -> (prompt or messages, params). Raises ValueError with a one-line reason."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(obj.keys() - {"prompt", "messages"} - LINE_PARAM_TYPES.keys())
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise ValueError("need exactly one of 'prompt' (a string) or 'messages' (a list)")
+    if "prompt" in obj and not isinstance(obj["prompt"], str):
+        raise ValueError("'prompt' must be a string")
+    if "messages" in obj and not is_message_list(obj["messages"]):
+        raise ValueError('\'messages\' must be a non-empty list of {"role": str, "content": str}')
+    overrides = {k: v for k, v in obj.items() if k in LINE_PARAM_TYPES}
+    for name, value in overrides.items():
+        if not is_param_type(value, LINE_PARAM_TYPES[name]):
+            raise ValueError(f"'{name}' must be of type {LINE_PARAM_TYPES[name]}")
+    return obj.get("prompt", obj.get("messages")), SamplingParams(**{**defaults, **overrides})
+
+
+def read_items(lines: list[str], defaults: dict) -> list[BatchItem]:
+    items: list[BatchItem] = []
+    for line_no, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        item = BatchItem(index=len(items), line_no=line_no)
+        try:
+            item.prompt, item.params = parse_line(text, defaults)
+        except ValueError as e:
+            item.error = str(e)
+        items.append(item)
+    return items
+
+
+def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[int] | None:
+    """The prompt's token ids; sets item.error for what the engine would refuse (it rejects
+    a whole batch for one bad request), and clamps max_tokens to the room left."""
+    try:
+        if item.is_chat:
+            prompt_ids = tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True)
+        else:
+            # As llm.generate(text) does: special-token strings in a raw prompt are recognised.
+            prompt_ids = tokenizer.encode(item.prompt, add_special_tokens=True, parse_special=True)
+    except Exception as e:  # a malformed conversation fails its own line, never the batch
+        item.error = f"cannot build the prompt: {e}"
+        return None
+    room = max_model_len - len(prompt_ids)
+    if not prompt_ids:
+        item.error = "the prompt is empty"
+    elif room < 1:
+        item.error = f"prompt too long: {len(prompt_ids)} tokens, the context limit is {max_model_len}"
+    if item.error:
+        return None
+    if item.params.max_tokens is None or item.params.max_tokens > room:
+        item.params = replace(item.params, max_tokens=room)  # finishes with "length" at the context limit
+    return prompt_ids
+
+
+def run_batch(llm: Any, items: list[BatchItem]) -> None:
+    """Run every runnable item: at most one batched llm.generate and one llm.chat call."""
+    tokenizer = llm.get_tokenizer()
+    prompt_ids: dict[int, list[int] | None] = {}
+    for item in items:
+        if not item.error:
+            prompt_ids[item.index] = fit_to_context(item, tokenizer, llm.max_model_len)
+    runnable = [item for item in items if not item.error]  # fit_to_context may have set errors
+    texts = [item for item in runnable if not item.is_chat]
+    chats = [item for item in runnable if item.is_chat]
+    if texts:
+        inputs = [{"prompt_token_ids": prompt_ids[item.index]} for item in texts]
+        collect(texts, llm.generate(inputs, [item.params for item in texts], use_tqdm=True))
+    if chats:
+        collect(
+            chats, llm.chat([item.prompt for item in chats], [item.params for item in chats], use_tqdm=True)
+        )
+
+
+def collect(items: list[BatchItem], outputs: list[Any]) -> None:
+    for item, out in zip(items, outputs, strict=True):
+        completion = out.outputs[0]
+        item.result = {
+            "index": item.index,
+            "text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": len(completion.token_ids),
+        }
