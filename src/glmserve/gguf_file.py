@@ -27,19 +27,19 @@ from gguf.quants import quant_shape_to_byte_shape
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
-# Fixed-size scalar value types: struct format and numpy dtype (little-endian).
-_SCALARS: dict[GGUFValueType, tuple[str, str]] = {
-    GGUFValueType.UINT8: ("<B", "<u1"),
-    GGUFValueType.INT8: ("<b", "<i1"),
-    GGUFValueType.UINT16: ("<H", "<u2"),
-    GGUFValueType.INT16: ("<h", "<i2"),
-    GGUFValueType.UINT32: ("<I", "<u4"),
-    GGUFValueType.INT32: ("<i", "<i4"),
-    GGUFValueType.FLOAT32: ("<f", "<f4"),
-    GGUFValueType.BOOL: ("<?", "<?"),
-    GGUFValueType.UINT64: ("<Q", "<u8"),
-    GGUFValueType.INT64: ("<q", "<i8"),
-    GGUFValueType.FLOAT64: ("<d", "<f8"),
+# Fixed-size scalar value types: their struct format, which numpy reads as the same dtype.
+_SCALARS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
 }
 
 # Tensor types gguf-py exposes as typed elements; every other type is raw blocks (uint8 per row).
@@ -93,8 +93,8 @@ def _cached(path: Path, mtime_ns: int) -> GGUFFile:
 
 
 def parse_gguf(path: Path) -> GGUFFile:
-    buffer = np.memmap(path, dtype=np.uint8, mode="r")
     try:
+        buffer = np.memmap(path, dtype=np.uint8, mode="r")  # an empty file raises ValueError
         fields, tensor_infos, header_end = _Header(memoryview(buffer), path).parse()
     except (struct.error, ValueError, UnicodeDecodeError, IndexError) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
@@ -177,11 +177,11 @@ class _Header:
             return self._string()
         if value_type == GGUFValueType.ARRAY:
             return self._array(GGUFValueType(self._scalar("<I")), self._scalar("<Q"))
-        return self._scalar(_SCALARS[value_type][0])
+        return self._scalar(_SCALARS[value_type])
 
     def _array(self, item_type: GGUFValueType, count: int) -> list:
         if item_type in _SCALARS:  # one numpy view for the whole array
-            dtype = np.dtype(_SCALARS[item_type][1])
+            dtype = np.dtype(_SCALARS[item_type])
             items = np.frombuffer(self.view, dtype=dtype, count=count, offset=self.pos)
             self.pos += count * dtype.itemsize
             return items.tolist()

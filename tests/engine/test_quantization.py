@@ -76,14 +76,6 @@ def test_q8_0_is_exactly_int4_over_a_doubled_input():
     assert torch.equal(rows.q, halves.q[4:9]) and torch.equal(rows.scale, halves.scale[4:9])
 
 
-def test_packed_q8_0_matmul_matches_dequantized_reference():
-    weight = random_q8_0(96, 128)
-    x = torch.randn(3, 128).bfloat16()
-    got = PackedInt8Blocks.from_weight(weight, torch.bfloat16).matmul(x).float()
-    expected = x.float() @ weight.dequantize().t()
-    assert_bf16_close(got, expected)
-
-
 def test_q8_0_layer_runs_packed_on_cpu_bf16_and_dense_elsewhere():
     weight = random_q8_0(32, 64)
     x = torch.randn(2, 64)
@@ -117,10 +109,11 @@ def random_int4(rows, cols, seed=0) -> Int4Weight:
     )
 
 
-def test_packed_int4_matmul_matches_dequantized_reference():
-    weight = random_int4(96, 128)
+@pytest.mark.parametrize("kernel, random_weight", [(PackedInt4, random_int4), (PackedInt8Blocks, random_q8_0)])
+def test_packed_matmul_matches_dequantized_reference(kernel, random_weight):
+    weight = random_weight(96, 128)
     x = torch.randn(3, 128).bfloat16()
-    got = PackedInt4.from_weight(weight, torch.bfloat16).matmul(x).float()
+    got = kernel.from_weight(weight, torch.bfloat16).matmul(x).float()
     expected = x.float() @ weight.dequantize().t()
     assert_bf16_close(got, expected)
 

@@ -139,7 +139,7 @@ class GGUFCheckpoint:
 
 
 def open_gguf(path: Path) -> GGUFCheckpoint:
-    reader = open_reader(path)
+    reader = open_gguf_file(path)
     arch = _value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         supported = ", ".join(SUPPORTED_ARCHS)
@@ -155,13 +155,7 @@ def open_gguf(path: Path) -> GGUFCheckpoint:
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All metadata key/values as plain Python values (str, int, float, bool, lists); no tensor data is read."""
-    return dict(open_reader(Path(path)).fields)
-
-
-def open_reader(path: Path) -> GGUFFile:
-    if not is_gguf_file(path):
-        raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
-    return open_gguf_file(path)
+    return dict(open_gguf_file(path).fields)
 
 
 def check_tensors(reader: GGUFFile, names: TensorNames) -> None:
