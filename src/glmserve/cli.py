@@ -221,6 +221,13 @@ def chat(
             "--tools", help="Let a ChatGLM3 / GLM-4 model call the built-in tools (time, calculator, Python)"
         ),
     ] = False,
+    allow_unsandboxed_code: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unsandboxed-code",
+            help="With --tools: run the model's Python even where the sandbox cannot be built (unsealed)",
+        ),
+    ] = False,
 ) -> None:
     """Chat in the terminal. Answers stream as they are generated.
 
@@ -242,7 +249,7 @@ def chat(
     if tools:
         from glmserve.tool_chat import run_tool_chat  # jupyter_client: only for --tools
 
-        run_tool_chat(llm, params, system, max_length or defaults.max_length)
+        run_tool_chat(llm, params, system, max_length or defaults.max_length, allow_unsandboxed_code)
         return
     ChatSession(llm, params, max_length or defaults.max_length, system).run()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from glmserve.chat.agent import Agent, LLMBackend, Step, tool_parser_for
 from glmserve.chat.builtin_tools import builtin_registry
-from glmserve.chat.interpreter import CodeInterpreter
+from glmserve.chat.interpreter import CodeInterpreter, SandboxUnavailable
 
 USER_PROMPT = "\n用户 / You: "
 LABELS = {"tool_call": "[tool call]", "observation": "[observation]", "code": "[code]",
@@ -18,21 +18,28 @@ LABELS = {"tool_call": "[tool call]", "observation": "[observation]", "code": "[
 
 
 def run_tool_chat(
-    llm: Any, params: Any, system: str | None = None, max_length: int | None = None, max_rounds: int = 5
+    llm: Any,
+    params: Any,
+    system: str | None = None,
+    max_length: int | None = None,
+    allow_unsandboxed: bool = False,
+    max_rounds: int = 5,
 ) -> None:
     try:
         tool_parser_for(llm.get_tokenizer())
     except ValueError as error:
         sys.exit(f"error: --tools: {error}")
-    interpreter = CodeInterpreter()
-    agent = Agent(LLMBackend(llm, params, max_length), builtin_registry(), interpreter, max_rounds)
+    interpreter = _interpreter(allow_unsandboxed)
+    registry = builtin_registry(enable_python=interpreter is not None)
+    agent = Agent(LLMBackend(llm, params, max_length), registry, interpreter, max_rounds)
     conversation_id, history = uuid.uuid4().hex, [{"role": "system", "content": system}] if system else []
     print("Tools: " + ", ".join(agent.registry.tools) + ". `clear` resets, `stop` exits.")
     try:
         while (query := _read(USER_PROMPT)) not in (None, "stop"):
             if query == "clear":
                 history = history[:1] if system else []
-                interpreter.forget(conversation_id)
+                if interpreter is not None:
+                    interpreter.forget(conversation_id)
             elif query:
                 history.append({"role": "user", "content": query})
                 try:
@@ -43,7 +50,21 @@ def run_tool_chat(
                     continue
                 history.append({"role": "assistant", "content": answer})
     finally:
-        interpreter.shutdown()
+        if interpreter is not None:
+            interpreter.shutdown()
+
+
+def _interpreter(allow_unsandboxed: bool) -> CodeInterpreter | None:
+    """The sandboxed kernel, or none (no python tool) where the sandbox cannot be built: said once."""
+    try:
+        interpreter = CodeInterpreter(allow_unsandboxed=allow_unsandboxed)
+    except SandboxUnavailable as error:
+        print(f"note: no python tool: {error}", file=sys.stderr)
+        return None
+    if not interpreter.status.is_sealed:
+        print(f"warning: python runs UNSEALED (--allow-unsandboxed-code): {interpreter.status.detail}",
+              file=sys.stderr)  # fmt: skip
+    return interpreter
 
 
 async def _answer(agent: Agent, history: list[dict], conversation_id: str) -> str:

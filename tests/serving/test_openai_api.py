@@ -27,6 +27,11 @@ def model_name(client):
     return client.models.list().data[0].id
 
 
+def test_start_log_says_the_code_interpreter_is_sealed(server, client):
+    client.models.list()  # the log is complete once the server answers
+    assert "Code Interpreter: code runs sealed (bubblewrap" in server.log()
+
+
 def test_models_list(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1"]

@@ -103,3 +103,29 @@ def test_quantization_reaches_the_engine_config():
     assert ServeSettings().engine_config().quantization is None  # as in the checkpoint
     result = serve("--quantization", "int3")
     assert result.returncode != 0 and "--quantization" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_says_at_start_how_code_runs(monkeypatch, capsys):
+    """Sealed: said so. Unsealed: no Code Interpreter tab (nor python tool) unless
+    --allow-unsandboxed-code, and then a warning naming what is not sealed."""
+    from glmserve.chat import sandbox
+    from glmserve.serving.cli import _agent_runner
+
+    runner = _agent_runner(ServeSettings())
+    assert runner.modes == ("tool", "code") and "code runs sealed" in capsys.readouterr().err
+    runner.interpreter.shutdown()
+    unsealed = sandbox.SandboxStatus(False, "bwrap refused (No permissions to create new namespace)")
+    monkeypatch.setattr(sandbox, "probe", lambda: unsealed)
+    runner = _agent_runner(ServeSettings())
+    err = capsys.readouterr().err
+    assert runner.modes == ("tool",) and "python" not in {t.name for t in runner.list_tools()}
+    assert "no Code Interpreter tab" in err and "No permissions" in err and "--allow-unsandboxed-code" in err
+    runner = _agent_runner(ServeSettings(allow_unsandboxed_code=True))
+    assert runner.modes == ("tool", "code") and "UNSEALED" in capsys.readouterr().err
+    runner.interpreter.shutdown()
+
+
+def test_allow_unsandboxed_code_flag_and_env():
+    for args, env in ((["--allow-unsandboxed-code"], {}), ([], {"GLMSERVE_ALLOW_UNSANDBOXED_CODE": "1"})):
+        done = serve(*args, "--port", "0", env=env)  # refused at the port, after the flag parsed
+        assert "No such option" not in done.stderr and "--port" in done.stderr, done.stderr

@@ -1,7 +1,7 @@
 """A real `glmserve serve` per module and headless Debian chromium driven by Playwright.
 
 No browser is downloaded: Playwright launches /usr/bin/chromium (CI installs it with
-.ci/install-browser). A missing chromium fails these tests rather than skipping them.
+.ci/install-system-packages). A missing chromium fails these tests rather than skipping them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def server():
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """One browser profile (so one localStorage) for the module, fresh for each run."""
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run .ci/install-browser"
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run .ci/install-system-packages"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -1,12 +1,15 @@
 """The code interpreter: one Jupyter kernel (jupyter_client + ipykernel) per conversation.
 
-Each kernel is its own process in its own temporary working directory, started through a
-launcher that sets CPU-time and address-space limits (resource.setrlimit) before ipykernel runs,
-with an environment holding none of the server's variables (API keys stay out of reach). A run
-that passes its wall-clock timeout is interrupted (SIGINT -> KeyboardInterrupt); a kernel that
-does not come back, or that died (memory, CPU limit, os._exit), is restarted, losing its state.
-Kernels idle past `idle_timeout_s` are shut down at the next call. There is no network sandbox:
-code can open sockets, as in THUDM's demo; run the server where that is acceptable.
+Each kernel runs model-written code as an untrusted guest in a sandbox of its own (chat/sandbox.py):
+its own PID, network and mount namespaces and its own unprivileged user where bubblewrap and the OS
+allow them; limits on CPU time, memory, processes, file size and open files; a minimal environment;
+a private working directory removed with it. Where the sandbox cannot be built, `CodeInterpreter()`
+raises SandboxUnavailable unless `allow_unsandboxed=True`. The server reaches the kernel over Unix
+sockets in the sandbox's run directory (ZMQ's ipc transport): the kernel has no network to use.
+
+A run that passes its wall-clock timeout is interrupted (an interrupt request: KeyboardInterrupt);
+a kernel that does not come back, or that died (memory, CPU limit, os._exit), is restarted, losing
+its state. Kernels idle past `idle_timeout_s` are shut down at the next call.
 
     interpreter = CodeInterpreter(timeout_s=30)
     result = interpreter.run("conversation-1", "print(1 + 1)")   # ExecutionResult(stdout="2\\n", ...)
@@ -18,25 +21,17 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 from jupyter_client import KernelManager
 
-# Runs in the kernel's process before ipykernel: limits first, then the kernel itself.
-LAUNCHER = (
-    "import resource, runpy, sys\n"
-    "cpu_s, memory_bytes = int(sys.argv[1]), int(sys.argv[2])\n"
-    "resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))\n"
-    "resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))\n"
-    "sys.argv = ['ipykernel_launcher', *sys.argv[3:]]\n"
-    "runpy.run_module('ipykernel_launcher', run_name='__main__', alter_sys=True)\n"
-)
+from glmserve.chat import sandbox
+from glmserve.chat.sandbox import LAUNCHER, Limits, Sandbox, SandboxStatus, SandboxUnavailable
+
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 INTERRUPT_GRACE_S = 3.0  # how long an interrupted run may take to stop before the kernel restarts
 START_TIMEOUT_S = 60.0  # kernel start-up on a busy 2-core machine
@@ -62,53 +57,62 @@ class ExecutionResult:
         return text or "[the code ran and printed nothing]"
 
 
-class _LimitedKernelManager(KernelManager):
-    """Starts ipykernel through LAUNCHER (jupyter_client 8 builds the command here, from the
-    kernelspec otherwise, and no longer reads a `kernel_cmd`)."""
+class _SandboxedKernelManager(KernelManager):
+    """Starts ipykernel through LAUNCHER inside the kernel's sandbox (jupyter_client 8 builds the
+    command here, from the kernelspec otherwise). Interrupts are requests on the control channel:
+    a signal to the process group would reach bwrap, not the kernel in its PID namespace."""
 
-    limits: list[str] = []  # [cpu seconds, address-space bytes]
+    sandbox: Sandbox
+    limits: Limits
 
     def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
-        return [sys.executable, "-c", LAUNCHER, *self.limits, "-f", self.connection_file]
+        launcher = [sys.executable, "-c", LAUNCHER, *self.sandbox.launcher_args(self.limits)]
+        return self.sandbox.command([*launcher, "-f", self.connection_file])
+
+    def write_connection_file(self, **kwargs) -> tuple[str, dict]:
+        written = super().write_connection_file(**kwargs)
+        if self.sandbox.uid is not None:  # written 0600 by the server: the kernel's uid must read it
+            os.chown(self.connection_file, self.sandbox.uid, self.sandbox.uid)
+        return written
 
 
 class _Kernel:
-    """One conversation's kernel process, its working directory and a blocking client."""
+    """One conversation's kernel process, its sandbox and a blocking client."""
 
-    def __init__(self, cpu_s: int, memory_bytes: int):
-        self.workdir = tempfile.mkdtemp(prefix="glmserve-kernel-")
-        self.manager = _LimitedKernelManager()
-        self.manager.limits = [str(cpu_s), str(memory_bytes)]
+    def __init__(self, box: Sandbox, limits: Limits):
+        self.sandbox, self.workdir = box, str(box.workdir)
+        run = box.rundir
+        self.manager = _SandboxedKernelManager(transport="ipc", ip=str(run / "kernel"),
+                                               connection_file=str(run / "kernel.json"))  # fmt: skip
+        self.manager.sandbox, self.manager.limits = box, limits
+        self.manager.kernel_spec.interrupt_mode = "message"
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # its warnings are not ours
-        self.manager.start_kernel(cwd=self.workdir, env=_kernel_env(self.workdir), **quiet)
-        self.client = self.manager.blocking_client()
-        self.client.start_channels()
-        self.client.wait_for_ready(timeout=START_TIMEOUT_S)
+        try:
+            self.manager.start_kernel(cwd=self.workdir, env=sandbox.minimal_env(self.workdir), **quiet)
+            self._connect()
+        except BaseException:
+            self.shutdown()
+            raise
         self.lock = threading.Lock()  # one run at a time per conversation
         self.last_used = time.monotonic()
 
     def restart(self) -> None:
         self.client.stop_channels()
+        self.sandbox.kill_all()  # unsealed: what the old kernel left running goes with its state
         self.manager.restart_kernel(now=True)
+        self._connect()
+
+    def shutdown(self) -> None:
+        if hasattr(self, "client"):
+            self.client.stop_channels()
+        if self.manager.has_kernel:
+            self.manager.shutdown_kernel(now=True)
+        self.sandbox.remove()
+
+    def _connect(self) -> None:
         self.client = self.manager.blocking_client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=START_TIMEOUT_S)
-
-    def shutdown(self) -> None:
-        self.client.stop_channels()
-        self.manager.shutdown_kernel(now=True)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _kernel_env(workdir: str) -> dict[str, str]:
-    """A minimal environment: nothing of the server's (its API key, tokens) reaches user code."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": workdir,
-        "LANG": "C.UTF-8",
-        "MPLBACKEND": "Agg",  # plots render to PNG, never to a display
-        "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MB of address space per thread otherwise
-    }
 
 
 class CodeInterpreter:
@@ -120,10 +124,17 @@ class CodeInterpreter:
         cpu_limit_s: int = 300,
         memory_limit_bytes: int = 2 * 2**30,
         idle_timeout_s: float = 600.0,
+        max_processes: int = Limits.max_processes,
+        allow_unsandboxed: bool = False,
     ):
+        self.status: SandboxStatus = sandbox.probe()
+        if not (self.status.is_sealed or allow_unsandboxed):
+            raise SandboxUnavailable(
+                f"{self.status.describe()}; to run model-written code anyway, unsealed, pass "
+                "allow_unsandboxed=True (--allow-unsandboxed-code)"
+            )
         self.timeout_s = timeout_s
-        self.cpu_limit_s = cpu_limit_s  # per kernel lifetime: past it the kernel is killed, then restarted
-        self.memory_limit_bytes = memory_limit_bytes  # address space: a large allocation is a MemoryError
+        self.limits = Limits(cpu_s=cpu_limit_s, memory_bytes=memory_limit_bytes, max_processes=max_processes)
         self.idle_timeout_s = idle_timeout_s
         self._kernels: dict[str, _Kernel] = {}
         self._lock = threading.Lock()
@@ -171,7 +182,9 @@ class CodeInterpreter:
         with self._lock:
             kernel = self._kernels.get(conversation_id)
             if kernel is None:
-                kernel = self._kernels[conversation_id] = _Kernel(self.cpu_limit_s, self.memory_limit_bytes)
+                uids = {k.sandbox.uid for k in self._kernels.values() if k.sandbox.uid is not None}
+                box = Sandbox.create(self.status.is_sealed, uids)
+                kernel = self._kernels[conversation_id] = _Kernel(box, self.limits)
             return kernel
 
     def _execute(self, kernel: _Kernel, code: str, timeout_s: float) -> ExecutionResult:

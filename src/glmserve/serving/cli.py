@@ -30,7 +30,7 @@ def serve(**options: Any) -> None:
         settings.check_exposure()
         from glmserve.serving.app import create_app  # fastapi and friends: only when serving
 
-        app = create_app(settings, agent_runner=_agent_runner() if _wants_agent(settings) else None)
+        app = create_app(settings, agent_runner=_agent_runner(settings) if _wants_agent(settings) else None)
     except (ValueError, RuntimeError) as error:  # bad names, missing model paths
         _fail(str(error))
     _run(app, settings)
@@ -48,14 +48,26 @@ def _wants_agent(settings: ServeSettings) -> bool:
     return settings.may_run_code
 
 
-def _agent_runner() -> Any:
-    """The UI's Tool / Code Interpreter tabs; hidden when the code interpreter's packages are missing."""
+def _agent_runner(settings: ServeSettings) -> Any:
+    """The UI's Tool / Code Interpreter tabs; hidden when the code interpreter's packages are missing.
+    The Code Interpreter tab needs the sandbox, or --allow-unsandboxed-code: said here, once."""
     try:
+        from glmserve.chat.interpreter import CodeInterpreter, SandboxUnavailable
         from glmserve.ui.agent_runner import GLMAgentRunner
-    except ImportError as error:  # jupyter_client / ipykernel: see requirements-tools.txt
+    except ImportError as error:  # jupyter_client / ipykernel
         typer.echo(f"warning: no Tool / Code Interpreter tabs ({error})", err=True)
         return None
-    return GLMAgentRunner()
+    try:
+        interpreter = CodeInterpreter(allow_unsandboxed=settings.allow_unsandboxed_code)
+    except SandboxUnavailable as error:
+        typer.echo(f"warning: no Code Interpreter tab: {error}", err=True)
+        return GLMAgentRunner(interpreter=None)
+    if interpreter.status.is_sealed:
+        typer.echo(f"Code Interpreter: {interpreter.status.describe()}", err=True)
+    else:
+        typer.echo(f"warning: the Code Interpreter runs code UNSEALED (--allow-unsandboxed-code): "
+                   f"{interpreter.status.detail}", err=True)  # fmt: skip
+    return GLMAgentRunner(interpreter=interpreter)
 
 
 def _run(app: Any, settings: ServeSettings) -> None:

@@ -74,6 +74,11 @@ class ServeSettings(BaseModel):
         None, ge=1, description="Torch threads per engine [default: physical cores]"
     )
     no_ui: bool = Field(False, description="Do not serve the web UI at /ui (then gradio is never imported)")
+    allow_unsandboxed_code: bool = Field(
+        False,
+        description="Offer the UI's Code Interpreter even where its sandbox (bubblewrap namespaces) "
+        "cannot be built: model-written code then runs unsealed, with limits only",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     graceful_timeout_s: float = Field(
         60.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before closing them"

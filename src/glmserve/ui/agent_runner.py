@@ -1,7 +1,8 @@
 """The web UI's Tool and Code Interpreter tabs on the real agent loop (chat/agent.py): built-in
-tools in tool mode, one sandboxed Jupyter kernel per conversation in code mode.
+tools in tool mode, one sandboxed Jupyter kernel per conversation in code mode. Without an
+interpreter there is no code mode and no `python` tool.
 
-    create_app(settings, agent_runner=GLMAgentRunner())
+    create_app(settings, agent_runner=GLMAgentRunner(interpreter=CodeInterpreter()))
 """
 
 from __future__ import annotations
@@ -19,19 +20,18 @@ OPTION_NAMES = ("max_length", "temperature", "top_p")  # what the tabs' sliders 
 
 
 class GLMAgentRunner:
-    modes = ("tool", "code")
-
     def __init__(
         self,
         registry: ToolRegistry | None = None,
         interpreter: CodeInterpreter | None = None,
         max_rounds: int = 5,
     ):
-        self.registry = registry or builtin_registry()
-        self.interpreter = interpreter or CodeInterpreter()
+        self.interpreter = interpreter
+        self.modes = ("tool", "code") if interpreter else ("tool",)
+        self.registry = registry or builtin_registry(enable_python=interpreter is not None)
         self.max_rounds = max_rounds
-        # Kernels are processes of their own: stop them with the server, not after it.
-        atexit.register(self.interpreter.shutdown)
+        if interpreter is not None:  # kernels are processes of their own: stop them with the server
+            atexit.register(interpreter.shutdown)
 
     def list_tools(self) -> list[ToolInfo]:
         return [ToolInfo(t.name, t.description, t.parameters) for t in self.registry.tools.values()]
@@ -47,4 +47,5 @@ class GLMAgentRunner:
             yield AgentStep("error", f"{type(error).__name__}: {error}")
 
     def forget(self, conversation_id: str) -> None:
-        self.interpreter.forget(conversation_id)
+        if self.interpreter is not None:
+            self.interpreter.forget(conversation_id)
