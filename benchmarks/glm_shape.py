@@ -32,15 +32,15 @@ import torch
 from common import median_of, print_table, save_json
 
 from glmserve import LLM, SamplingParams
-from glmserve.engine.device import num_physical_cores
-from glmserve.engine.hf_loader import open_hf_folder
-from glmserve.tools.glm_layout import glm_config, to_glm_layout
-from glmserve.tools.random_checkpoint import (
+from glmserve.devtools.glm_layout import glm_config, to_glm_layout
+from glmserve.devtools.random_checkpoint import (
     CheckpointSpec,
     load_config,
     scale_config,
     write_random_checkpoint,
 )
+from glmserve.engine.checkpoint.hf import open_hf_folder
+from glmserve.engine.device import num_physical_cores
 
 SPEC_FILE = "bench_spec.json"  # what the folder holds, so a later run can reuse it
 

@@ -142,7 +142,7 @@ def glmserve_command(args: argparse.Namespace, port: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "glmserve.serving.cli",
+        "glmserve.cli.serve",
         "--model",
         str(args.model),
         "--port",

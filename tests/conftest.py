@@ -4,8 +4,6 @@ import pytest
 
 from glmserve.model_path import find_bundled_model
 
-DATA_DIR = Path(__file__).parent / "data"
-
 
 @pytest.fixture(scope="session")
 def bundled_gguf() -> Path:

@@ -11,8 +11,8 @@ _EXPORTS = {
     "RequestOutput": "glmserve.engine.outputs",
     "CompletionOutput": "glmserve.engine.outputs",
     "StreamOutput": "glmserve.engine.outputs",
-    "Tokenizer": "glmserve.tokenizer",
-    "load_tokenizer": "glmserve.tokenizer",
+    "Tokenizer": "glmserve.tokenization",
+    "load_tokenizer": "glmserve.tokenization",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

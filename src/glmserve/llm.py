@@ -16,7 +16,7 @@ from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model_path import resolve_model_path
-from glmserve.tokenizer import Tokenizer
+from glmserve.tokenization import Tokenizer
 
 PromptType = str | dict[str, Any] | list[int]
 Messages = list[dict[str, Any]]

@@ -1,15 +1,14 @@
 """Baichuan chat prompts with the real tokenizers (tests/data, copied from the official downloads):
 golden ids from the rules of Baichuan's build_chat_input, the input budget, the injection case."""
 
-from pathlib import Path
 
 import pytest
 import sentencepiece
 
-from glmserve.baichuan_tokenizer import BaichuanTokenizer
-from glmserve.tokenizer import load_tokenizer
+from glmserve.devtools import PRESETS_DIR
+from glmserve.tokenization import load_tokenizer
+from glmserve.tokenization.baichuan import BaichuanTokenizer
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 FOLDERS = {"baichuan13b": "baichuan13b", "baichuan2": "baichuan2-7b"}
 CONVERSATION = [
     {"role": "system", "content": "你是百川助手。"},
@@ -21,17 +20,17 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module", params=list(FOLDERS))
 def tok(request) -> BaichuanTokenizer:
-    return load_tokenizer(DATA / FOLDERS[request.param])
+    return load_tokenizer(PRESETS_DIR / FOLDERS[request.param])
 
 
 def test_folders_load_as_baichuan():
     for folder in FOLDERS.values():
-        assert isinstance(load_tokenizer(DATA / folder), BaichuanTokenizer)
+        assert isinstance(load_tokenizer(PRESETS_DIR / folder), BaichuanTokenizer)
 
 
 def test_golden_ids_baichuan2():
-    tok = load_tokenizer(DATA / "baichuan2-7b")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(DATA / "baichuan2-7b" / "tokenizer.model"))
+    tok = load_tokenizer(PRESETS_DIR / "baichuan2-7b")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(PRESETS_DIR / "baichuan2-7b" / "tokenizer.model"))
     expected = (
         sp.encode("你是百川助手。")
         + [195, *sp.encode("你好")]
@@ -64,7 +63,7 @@ def test_golden_ids_baichuan2():
 
 
 def test_golden_ids_baichuan13b():
-    tok = load_tokenizer(DATA / "baichuan13b")
+    tok = load_tokenizer(PRESETS_DIR / "baichuan13b")
     assert tok.convert_ids_to_tokens(tok.encode("Say hi"))[0].startswith("▁")  # dummy prefix
     say, hi = tok.encode("Say hi"), tok.encode("你好")
     messages = [
@@ -98,9 +97,9 @@ def test_user_text_never_becomes_a_role_id(tok, forged):
 def test_role_texts_are_the_role_ids_in_the_vocabularies():
     """Why the injection case matters: the official tokenizers turn these texts into 195."""
     for folder, text in (("baichuan2-7b", "<reserved_106>"), ("baichuan13b", "<reserved_102>")):
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(DATA / folder / "tokenizer.model"))
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(PRESETS_DIR / folder / "tokenizer.model"))
         assert 195 in sp.encode(text)
-        assert load_tokenizer(DATA / folder).encode(text, parse_special=True)[-1] == 195
+        assert load_tokenizer(PRESETS_DIR / folder).encode(text, parse_special=True)[-1] == 195
 
 
 def test_budget_keeps_whole_rounds_newest_first(tok):
@@ -126,7 +125,7 @@ def test_tools_and_unknown_roles_are_refused(tok):
 
 
 def test_offers_the_tokenizer_interface(tok):
-    from glmserve.tokenizer import Tokenizer
+    from glmserve.tokenization import Tokenizer
 
     public = {name for name in dir(Tokenizer) if not name.startswith("_")}
     assert public <= set(dir(tok))

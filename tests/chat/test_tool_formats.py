@@ -1,13 +1,12 @@
 """Golden token ids of the tools system prompt, a replayed tool call and an observation turn,
 with the real ChatGLM3 and GLM-4 tokenizer files."""
 
-from pathlib import Path
 
 import pytest
 
-from glmserve.glm_tokenizers import load_glm_tokenizer
+from glmserve.devtools import PRESETS_DIR
+from glmserve.tokenization.glm import load_glm_tokenizer
 
-DATA = Path(__file__).parents[1] / "data"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
@@ -37,7 +36,7 @@ GLM4_TAIL = [
 
 @pytest.fixture(scope="module")
 def chatglm3():
-    return load_glm_tokenizer(DATA / "chatglm3")
+    return load_glm_tokenizer(PRESETS_DIR / "chatglm3")
 
 
 def test_chatglm3_tools_call_and_observation_golden(chatglm3):
@@ -53,6 +52,6 @@ def test_chatglm3_turns_are_encoded_piece_by_piece(chatglm3):
 
 
 def test_glm4_call_and_observation_golden():
-    glm4 = load_glm_tokenizer(DATA / "glm4")
+    glm4 = load_glm_tokenizer(PRESETS_DIR / "glm4")
     ids = glm4.apply_chat_template(MESSAGES, tools=TOOLS)
     assert ids[:3] == [151331, 151333, 151335] and ids[-len(GLM4_TAIL) :] == GLM4_TAIL

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from glmserve.tools.random_checkpoint import (
+from glmserve.devtools.random_checkpoint import (
     CheckpointSpec,
     load_config,
     scale_config,

@@ -17,16 +17,16 @@ from safetensors.torch import load_file
 
 from glmserve import LLM, SamplingParams
 from glmserve.config import EngineConfig
-from glmserve.engine.hf_loader import open_hf_folder
-from glmserve.engine.layers.attention import alibi_slopes
-from glmserve.engine.llm_engine import LLMEngine
-from glmserve.engine.memory import estimate_memory
-from glmserve.tools.random_checkpoint import (
+from glmserve.devtools.random_checkpoint import (
     CheckpointSpec,
     load_config,
     scale_config,
     write_random_checkpoint,
 )
+from glmserve.engine.checkpoint.hf import open_hf_folder
+from glmserve.engine.layers.attention import alibi_slopes
+from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.memory import estimate_memory
 
 TOL = 1e-4
 KV_CACHE_BYTES = 4 * 2**20

@@ -1,18 +1,16 @@
 """THUDM config.json files (the real ones) and transformers' glm configs -> ModelConfig."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from glmserve.engine.hf_loader import hf_model_config
-from glmserve.tools.glm_layout import glm_config
-
-DATA = Path(__file__).parents[1] / "data"
+from glmserve.devtools import PRESETS_DIR
+from glmserve.devtools.glm_layout import glm_config
+from glmserve.engine.checkpoint.hf import hf_model_config
 
 
 def real_config(name: str) -> dict:
-    return json.loads((DATA / name / "config.json").read_text())
+    return json.loads((PRESETS_DIR / name / "config.json").read_text())
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,13 @@ from glm_gguf_files import write_chatglm_gguf, write_roundtrip_folder
 
 from glmserve import LLM, SamplingParams
 from glmserve.config import EngineConfig
+from glmserve.engine.checkpoint import open_checkpoint
 from glmserve.engine.layers.quant import Int4Weight
-from glmserve.engine.loader import open_checkpoint
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import ScheduledBatch
 from glmserve.engine.sequence import Sequence
-from glmserve.glm_tokenizers import ChatGLMTokenizer, GLM4Tokenizer
-from glmserve.tokenizer import load_tokenizer
+from glmserve.tokenization import load_tokenizer
+from glmserve.tokenization.glm import ChatGLMTokenizer, GLM4Tokenizer
 
 FAMILIES = {"chatglm3": "chatglm3-6b", "glm4": "glm4-9b"}
 TEXTS = [

@@ -26,7 +26,7 @@ from loader_files import (
 from loader_reference import dequantize_q4_0, dequantize_q4_1, dequantize_q8_0
 
 from glmserve.config import ModelConfig
-from glmserve.engine.loader import open_checkpoint, read_gguf_metadata
+from glmserve.engine.checkpoint import open_checkpoint, read_gguf_metadata
 
 
 def layer_names(num_layers: int) -> set[str]:
@@ -370,7 +370,7 @@ def test_read_safetensors_equals_the_library(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from glmserve.engine.hf_loader import read_safetensors
+    from glmserve.engine.checkpoint.hf import read_safetensors
 
     generator = torch.Generator().manual_seed(0)
     tensors = {

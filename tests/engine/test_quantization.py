@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from glmserve import LLM, SamplingParams
-from glmserve.engine.gguf_int4 import read_int4, read_q8_0
+from glmserve.engine.checkpoint.gguf_quant import read_int4, read_q8_0
 from glmserve.engine.layers.linear import Linear, MergedLinear
 from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight, Int8Weight, PackedInt4, PackedInt8Blocks
 

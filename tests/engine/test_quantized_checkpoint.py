@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from glmserve.config import EngineConfig
-from glmserve.engine.loader import open_checkpoint
+from glmserve.engine.checkpoint import open_checkpoint
+from glmserve.engine.checkpoint.quantized import write_quantized
 from glmserve.engine.model_runner import ModelRunner
-from glmserve.engine.quantized_checkpoint import write_quantized
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import ScheduledBatch
 from glmserve.engine.sequence import Sequence

@@ -47,7 +47,7 @@ def start_server(*args: str, env: dict | None = None) -> Server:
     command = [
         sys.executable,
         "-m",
-        "glmserve.serving.cli",
+        "glmserve.cli.serve",
         "--host",
         "127.0.0.1",
         "--port",

@@ -4,20 +4,20 @@ decoder (tests/serving/scripted_decoder.py)."""
 
 import asyncio
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
 from scripted_decoder import OBSERVATION_ID, ScriptedDecoderEngine, ServerThread
 
-from glmserve.chat.interpreter import CodeInterpreter
-from glmserve.glm_tokenizers import load_glm_tokenizer
-from glmserve.serving.models import ModelRegistry, wrap_engines
+from glmserve.agent.glm_runner import GLMAgentRunner
+from glmserve.agent.interpreter import CodeInterpreter
+from glmserve.agent.runner import AgentRequest, AgentRunner
+from glmserve.devtools import PRESETS_DIR
+from glmserve.serving.registry import ModelRegistry, wrap_engines
 from glmserve.serving.service import ChatService
-from glmserve.ui.agent import AgentRequest, AgentRunner
-from glmserve.ui.agent_runner import GLMAgentRunner
+from glmserve.tokenization.glm import load_glm_tokenizer
 
-CHATGLM3_DIR = Path(__file__).parents[1] / "data" / "chatglm3"
+CHATGLM3_DIR = PRESETS_DIR / "chatglm3"
 CODE = {"loop": "while True: pass", "bomb": "block = bytearray(10 * 2**30)"}
 
 

@@ -10,13 +10,13 @@ import torch
 from server_process import running_server
 
 from glmserve.chat.defaults import generation_defaults
-from glmserve.tokenizer import load_tokenizer
-from glmserve.tools.random_checkpoint import (
+from glmserve.devtools.random_checkpoint import (
     CheckpointSpec,
     load_config,
     scale_config,
     write_random_checkpoint,
 )
+from glmserve.tokenization import load_tokenizer
 
 ENGINE = ["--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "256"]
 SIZES = {

@@ -10,7 +10,7 @@ from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.serving.app import create_app
 from glmserve.serving.errors import InvalidRequest, QueueFull
-from glmserve.serving.models import ModelRegistry, wrap_engines
+from glmserve.serving.registry import ModelRegistry, wrap_engines
 from glmserve.serving.service import ChatService
 from glmserve.serving.settings import ServeSettings
 

@@ -19,7 +19,7 @@ from glmserve.serving.settings import (
 def serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the command; each of these fails before it would load a model."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GLMSERVE_")}
-    command = [sys.executable, "-m", "glmserve.serving.cli", *args]
+    command = [sys.executable, "-m", "glmserve.cli.serve", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
 
 
@@ -108,8 +108,8 @@ def test_quantization_reaches_the_engine_config():
 def test_serve_says_at_start_how_code_runs(monkeypatch, capsys):
     """Sealed: said so. Unsealed: no Code Interpreter tab (nor python tool) unless
     --allow-unsandboxed-code, and then a warning naming what is not sealed."""
-    from glmserve.chat import sandbox
-    from glmserve.serving.cli import _agent_runner
+    from glmserve.agent import sandbox
+    from glmserve.cli.serve import _agent_runner
 
     runner = _agent_runner(ServeSettings())
     assert runner.modes == ("tool", "code") and "code runs sealed" in capsys.readouterr().err

@@ -3,15 +3,15 @@ is the TEST-ONLY scripted decoder (tests/serving/scripted_decoder.py): it emits 
 ChatGLM3-format answer through the real tokenizer, because random weights only emit noise."""
 
 import json
-from pathlib import Path
 
 import openai
 import pytest
 from scripted_decoder import OBSERVATION_ID, ScriptedDecoderEngine, ServerThread
 
-from glmserve.glm_tokenizers import load_glm_tokenizer
+from glmserve.devtools import PRESETS_DIR
+from glmserve.tokenization.glm import load_glm_tokenizer
 
-CHATGLM3_DIR = Path(__file__).parents[1] / "data" / "chatglm3"
+CHATGLM3_DIR = PRESETS_DIR / "chatglm3"
 CALL_TEXT = 'get_weather\n```python\ntool_call(city="Paris", unit="c")\n```'
 TOOLS = [
     {

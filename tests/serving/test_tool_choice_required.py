@@ -3,16 +3,16 @@ pick the tool, whose header is then prefilled. The model is the TEST-ONLY script
 also scripted to score prompts (it prefers the `get_time` header)."""
 
 import json
-from pathlib import Path
 
 import openai
 import pytest
 from scripted_decoder import OBSERVATION_ID, ScriptedDecoderEngine, ServerThread
 
+from glmserve.devtools import PRESETS_DIR
 from glmserve.engine.outputs import StreamOutput
-from glmserve.glm_tokenizers import load_glm_tokenizer
+from glmserve.tokenization.glm import load_glm_tokenizer
 
-CHATGLM3_DIR = Path(__file__).parents[1] / "data" / "chatglm3"
+CHATGLM3_DIR = PRESETS_DIR / "chatglm3"
 TOOLS = [
     {"type": "function", "function": {"name": name, "description": text, "parameters": {"type": "object", "properties": {}}}}
     for name, text in (("get_weather", "Weather of a city"), ("get_time", "Current time"))

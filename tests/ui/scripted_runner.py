@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from glmserve.ui.agent import AgentStep, ToolInfo
+from glmserve.agent.runner import AgentStep, ToolInfo
 
 # A 1x1 red PNG, as a code interpreter's plot would arrive.
 RED_PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="

@@ -6,20 +6,20 @@ ChatGLM3-format code call through the real tokenizer (random weights would only 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import uvicorn
 from scripted_decoder import OBSERVATION_ID, ScriptedDecoderEngine
 from server_process import free_port, wait_for
 
-from glmserve.chat.interpreter import CodeInterpreter
-from glmserve.glm_tokenizers import load_glm_tokenizer
+from glmserve.agent.glm_runner import GLMAgentRunner
+from glmserve.agent.interpreter import CodeInterpreter
+from glmserve.devtools import PRESETS_DIR
 from glmserve.serving.app import create_app
 from glmserve.serving.settings import ServeSettings
-from glmserve.ui.agent_runner import GLMAgentRunner
+from glmserve.tokenization.glm import load_glm_tokenizer
 
-CHATGLM3_DIR = Path(__file__).parents[1] / "data" / "chatglm3"
+CHATGLM3_DIR = PRESETS_DIR / "chatglm3"
 CODE = "import math\nprint('result:', math.factorial(12))"
 
 

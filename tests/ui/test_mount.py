@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from scripted_runner import ScriptedRunner
 
+from glmserve.agent.runner import AgentRunner, AgentStep
 from glmserve.serving.app import create_app
 from glmserve.serving.settings import ServeSettings
-from glmserve.ui.agent import AgentRunner, AgentStep
 from glmserve.ui.agent_tab import add_step
 from glmserve.ui.mount import build_blocks
 

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import torch
 
-from glmserve.chat.detokenize import IncrementalDetokenizer
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.block_manager import BlockManager
+from glmserve.engine.checkpoint import open_checkpoint
 from glmserve.engine.device import available_memory_bytes
-from glmserve.engine.loader import open_checkpoint
 from glmserve.engine.memory import estimate_memory
 from glmserve.engine.model_runner import ModelRunner, StepResult
 from glmserve.engine.outputs import StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.sequence import Sequence
-from glmserve.tokenizer import Tokenizer, load_tokenizer
+from glmserve.tokenization import Tokenizer, load_tokenizer
+from glmserve.tokenization.detokenize import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 8192  # cap when the checkpoint allows more and none was asked for

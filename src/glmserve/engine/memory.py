@@ -17,9 +17,9 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from glmserve.config import EngineConfig, ModelConfig
+from glmserve.engine.checkpoint.gguf_quant import GROUP_SIZE as GGUF_GROUP_SIZE
+from glmserve.engine.checkpoint.gguf_quant import INT4_TYPES
 from glmserve.engine.device import resolve_dtype
-from glmserve.engine.gguf_int4 import GROUP_SIZE as GGUF_GROUP_SIZE
-from glmserve.engine.gguf_int4 import INT4_TYPES
 from glmserve.engine.layers.linear import Linear, is_output_layer, prepacks
 from glmserve.engine.layers.quant import keeps_dense_copy, quantized_bytes, select_kernel
 from glmserve.engine.models import model_class

@@ -27,8 +27,8 @@ from glmserve.serving.errors import install_error_handlers
 from glmserve.serving.legacy_routes import classic_router
 from glmserve.serving.metrics import CONTENT_TYPE, ServerMetrics
 from glmserve.serving.middleware import RequestContextMiddleware
-from glmserve.serving.models import ModelRegistry, ServedModel, load_model, wrap_engines
 from glmserve.serving.openai_routes import router as openai_router
+from glmserve.serving.registry import ModelRegistry, ServedModel, load_model, wrap_engines
 from glmserve.serving.service import ChatService
 from glmserve.serving.settings import (
     ModelSpec,
@@ -40,8 +40,8 @@ from glmserve.serving.settings import (
 from glmserve.serving.streaming import ClientDisconnected, client_disconnected_response
 
 if TYPE_CHECKING:
+    from glmserve.agent.runner import AgentRunner
     from glmserve.engine.async_engine import AsyncEngine
-    from glmserve.ui.agent import AgentRunner
 
 logger = logging.getLogger(__name__)
 

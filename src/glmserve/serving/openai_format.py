@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from glmserve.engine.outputs import PositionLogprobs
-from glmserve.serving.models import ServedModel
+from glmserve.serving.registry import ServedModel
 from glmserve.serving.service import Completion
 
 MIN_LOGPROB = -9999.0  # JSON has no -Infinity; OpenAI clamps the same way

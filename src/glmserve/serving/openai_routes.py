@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, Response
 
 from glmserve.serving import openai_format as fmt
 from glmserve.serving.errors import APIError, InvalidRequest, NotFound
-from glmserve.serving.models import ServedModel
 from glmserve.serving.protocol import ChatCompletionRequest, CompletionRequest
+from glmserve.serving.registry import ServedModel
 from glmserve.serving.service import ChatService, Event, collect
 from glmserve.serving.streaming import (
     SSE_DONE,

@@ -26,7 +26,7 @@ from glmserve.engine.outputs import PositionLogprobs, StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.serving.errors import APIError, InvalidRequest, QueueFull, ServerError
 from glmserve.serving.metrics import ServerMetrics
-from glmserve.serving.models import ModelRegistry, ServedModel
+from glmserve.serving.registry import ModelRegistry, ServedModel
 
 Event = tuple[int, StreamOutput]  # (choice index, what the engine produced for that choice)
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from glmserve.agent.runner import AgentRunner
     from glmserve.serving.settings import ServeSettings
-    from glmserve.ui.agent import AgentRunner
 
 
 def mount_ui(

@@ -14,9 +14,9 @@ from contextlib import aclosing
 
 import gradio as gr
 
+from glmserve.agent.runner import MODE_TITLES, AgentMode, AgentRequest, AgentRunner, AgentStep, ToolInfo
 from glmserve.serving.errors import APIError
 from glmserve.serving.service import ChatService
-from glmserve.ui.agent import MODE_TITLES, AgentMode, AgentRequest, AgentRunner, AgentStep, ToolInfo
 
 STEP_TITLES = {
     "tool_call": "🛠️ Calling {name}",

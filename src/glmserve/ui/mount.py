@@ -7,9 +7,9 @@ from collections.abc import Callable
 import gradio as gr
 from fastapi import FastAPI
 
+from glmserve.agent.runner import AgentRunner
 from glmserve.serving.service import ChatService
 from glmserve.serving.settings import ServeSettings
-from glmserve.ui.agent import AgentRunner
 from glmserve.ui.agent_tab import agent_tabs
 from glmserve.ui.auth import key_login
 from glmserve.ui.chat_tab import ChatTab

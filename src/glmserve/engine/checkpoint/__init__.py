@@ -1,0 +1,53 @@
+"""Open a checkpoint (a `.gguf` file or a Hugging Face folder) and stream its weights.
+
+    ckpt = open_checkpoint(path)
+    ckpt.config                                   # ModelConfig
+    for name, tensor in ckpt.iter_tensors(torch.bfloat16):
+        params[name].copy_(tensor)                # one tensor alive at a time
+
+Names are the checkpoint's Hugging Face names (`model.layers.0.self_attn.q_proj.weight`);
+GGUF names are mapped to the Llama ones and llama.cpp's q/k row permutation is undone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from glmserve.config import ModelConfig
+from glmserve.engine.checkpoint.gguf import is_gguf_file, open_gguf, read_gguf_metadata
+from glmserve.engine.checkpoint.hf import open_hf_folder
+from glmserve.engine.checkpoint.quantized import is_quantized_folder, open_quantized
+
+__all__ = ["Checkpoint", "open_checkpoint", "read_gguf_metadata"]
+
+
+class Checkpoint(Protocol):
+    config: ModelConfig
+    path: Path
+    format: str  # "gguf" | "safetensors" | "bin"
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (Hugging Face name, tensor) one at a time; float tensors already in `dtype`.
+        A tied output head (config.tie_word_embeddings) yields no `lm_head.weight`."""
+        ...
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read the config of a `.gguf` file or a Hugging Face folder; weights are read by iter_tensors."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if is_quantized_folder(path):
+        return open_quantized(path, open_hf_folder(path).config)
+    if path.is_dir():
+        return open_hf_folder(path)
+    if is_gguf_file(path):
+        return open_gguf(path)
+    raise ValueError(
+        f"unsupported model file {path}: expected a .gguf file or a Hugging Face checkpoint folder"
+    )

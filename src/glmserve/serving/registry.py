@@ -1,0 +1,124 @@
+"""The served models: name -> AsyncEngine, tokenizer and the family's generation defaults.
+
+Engines are built here only when the app is not handed ready ones; the engine modules (and so
+torch) are imported inside `load_model`, never at import time of the serving layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from glmserve.chat.defaults import GenerationDefaults, generation_defaults, read_generation_config
+from glmserve.serving.errors import ModelNotFound
+from glmserve.serving.settings import ServeSettings, check_model_name
+
+if TYPE_CHECKING:
+    from glmserve.engine.async_engine import AsyncEngine
+    from glmserve.tokenization import Tokenizer
+
+logger = logging.getLogger(__name__)
+@dataclass
+class ServedModel:
+    name: str
+    engine: AsyncEngine
+    defaults: GenerationDefaults
+    is_owned: bool = True  # built by us, so shut down by us
+    created: int = field(default_factory=lambda: int(time.time()))
+    num_unfinished: int = 0  # sequences admitted and not finished; touched by the event loop only
+    _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def max_sequence_len(self) -> int:
+        """Prompt plus answer tokens one sequence can hold: the context, or less if the KV cache is smaller."""
+        return min(self.max_model_len, self.engine.engine.kv_cache_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, for logprobs; cached because the same ids come back all the time."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def stats(self) -> dict[str, float]:
+        block_manager = self.engine.engine.block_manager
+        return {
+            **self.engine.stats(),
+            "num_unfinished": self.num_unfinished,
+            "num_free_blocks": block_manager.num_free_blocks,
+            "num_blocks": block_manager.num_blocks,
+        }
+
+
+class ModelRegistry:
+    """Served models in order; the first one is the default."""
+
+    def __init__(self, models: list[ServedModel]):
+        if not models:
+            raise ValueError("no model to serve")
+        self.models = {m.name: m for m in models}
+        if len(self.models) != len(models):
+            names = [m.name for m in models]
+            raise ValueError(f"two models share a name in {names}: name them with --model NAME=PATH")
+
+    @property
+    def default(self) -> ServedModel:
+        return next(iter(self.models.values()))
+
+    def get(self, name: str | None) -> ServedModel:
+        if not name:
+            return self.default
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not served; served: {sorted(self.models)}", param="model")
+        return model
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self.models.values())
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {name: model.stats() for name, model in self.models.items()}
+
+    def shutdown(self) -> None:
+        for model in self:
+            if model.is_owned:
+                model.engine.shutdown()
+
+
+def load_model(name: str, path: Path, settings: ServeSettings) -> ServedModel:
+    from glmserve.engine.async_engine import AsyncEngine  # imports torch: only when serving
+    from glmserve.engine.llm_engine import LLMEngine
+
+    logger.info("loading model %s from %s", name, path)
+    engine = AsyncEngine(lambda: LLMEngine(path, settings.engine_config()))  # loads on the engine thread
+    return ServedModel(name, engine, model_generation_defaults(engine, path))
+
+
+def wrap_engines(engines: Mapping[str, AsyncEngine]) -> list[ServedModel]:
+    """Engines handed in by the caller (tests, the web UI): served as they are, never shut down here."""
+    return [
+        ServedModel(check_model_name(name), engine, model_generation_defaults(engine), is_owned=False)
+        for name, engine in engines.items()
+    ]
+
+
+def model_generation_defaults(engine: AsyncEngine, path: Path | None = None) -> GenerationDefaults:
+    """The family defaults of chat/defaults.py (ChatGLM demo values; else the folder's
+    generation_config.json when it samples, else greedy)."""
+    llm_engine = engine.engine
+    model_type = llm_engine.model_config.extra.get("model_type", llm_engine.model_config.architecture)
+    generation_config = read_generation_config(path) if path is not None else {}
+    vocab_size = llm_engine.model_config.vocab_size
+    return generation_defaults(model_type, llm_engine.max_model_len, generation_config, vocab_size)

@@ -1,1 +1,0 @@
-"""Developer tools run as modules: `python -m glmserve.tools.<name>`."""
