@@ -190,10 +190,12 @@ def engine_loads(args: argparse.Namespace) -> list[dict]:
     from glmserve.config import EngineConfig
     from glmserve.engine.async_engine import AsyncEngine
     from glmserve.engine.llm_engine import LLMEngine
+    from glmserve.tokenization import load_tokenizer
+    from glmserve.tokenization.detokenize import TextDetokenizer
 
     config = EngineConfig(dtype=args.dtype, kv_cache_memory=1 << 30)
-    engine = AsyncEngine(lambda: LLMEngine(args.model, config))  # loads on the engine thread
-    tok = engine.engine.tokenizer
+    tok = load_tokenizer(args.model)
+    engine = AsyncEngine(lambda: LLMEngine(args.model, config, TextDetokenizer(tok)))  # loads on its thread
     batch = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in questions(max(args.clients))]
     try:
         asyncio.run(run_load(engine, batch[:2], 4, "warmup"))

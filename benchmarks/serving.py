@@ -21,6 +21,8 @@ from glmserve.config import EngineConfig
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.model_path import find_bundled_model
+from glmserve.tokenization import Tokenizer, load_tokenizer
+from glmserve.tokenization.detokenize import TextDetokenizer
 
 QUESTIONS = [
     "Explain how {} works.", "Write a short story about {}.", "What are the pros and cons of {}?",
@@ -29,8 +31,7 @@ QUESTIONS = [
 TOPICS = ["rainbows", "volcanoes", "bicycles", "the internet", "coffee", "glaciers", "satellites", "bees"]
 
 
-def prompts(engine: LLMEngine, count: int) -> list[list[int]]:
-    tok = engine.tokenizer
+def prompts(tok: Tokenizer, count: int) -> list[list[int]]:
     texts = [QUESTIONS[i % 4].format(TOPICS[i % 8]) + f" (request {i})" for i in range(count)]
     return [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
 
@@ -83,13 +84,14 @@ def main() -> None:
     args = parser.parse_args()
 
     config = EngineConfig(dtype=args.dtype, kv_cache_memory=1 << 30)
-    engine = AsyncEngine(lambda: LLMEngine(find_bundled_model(), config))  # loads on the engine thread
-    llm_engine = engine.engine
-    all_prompts = prompts(llm_engine, max(args.streams))
+    tokenizer = load_tokenizer(find_bundled_model())
+    detokenizer = TextDetokenizer(tokenizer)
+    engine = AsyncEngine(lambda: LLMEngine(find_bundled_model(), config, detokenizer))  # loads on its thread
+    all_prompts = prompts(tokenizer, max(args.streams))
     asyncio.run(run_load(engine, all_prompts[:4], 8, "warmup"))
     results = [asyncio.run(run_load(engine, all_prompts[:n], args.new_tokens, f"n{n}")) for n in args.streams]
     engine.shutdown()
-    del engine, llm_engine
+    del engine
 
     peer = {} if args.no_peer else {r["streams"]: transformers_batch(all_prompts[: r["streams"]], args.new_tokens) for r in results}
     single = results[0]

@@ -28,6 +28,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, e.g. "bfloat16"
+    # generation_config.json as saved with the checkpoint ({} for a GGUF): sampling defaults, EOS ids.
+    generation_config: dict = field(default_factory=dict, compare=False, hash=False)
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # family-specific keys
 
 

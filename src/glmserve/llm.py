@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -10,13 +9,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from glmserve.chat.defaults import GenerationDefaults, generation_defaults, read_generation_config
+from glmserve.chat.defaults import GenerationDefaults, model_generation_defaults
 from glmserve.config import EngineConfig
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model_path import resolve_model_path
-from glmserve.tokenization import Tokenizer
+from glmserve.tokenization import Tokenizer, load_tokenizer
+from glmserve.tokenization.detokenize import TextDetokenizer
 
 PromptType = str | dict[str, Any] | list[int]
 Messages = list[dict[str, Any]]
@@ -28,11 +28,13 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", **engine_options: Any):
         self.model_path = resolve_model_path(model)
-        self.engine = LLMEngine(self.model_path, EngineConfig(dtype=dtype, **engine_options))
+        self.tokenizer = load_tokenizer(self.model_path)
+        config = EngineConfig(dtype=dtype, **engine_options)
+        self.engine = LLMEngine(self.model_path, config, TextDetokenizer(self.tokenizer))
         self._request_ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
-        return self.engine.tokenizer
+        return self.tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -41,10 +43,7 @@ class LLM:
     @property
     def generation_defaults(self) -> GenerationDefaults:
         """The model family's default max_length / temperature / top_p (see chat/defaults.py)."""
-        model_config = self.engine.model_config
-        model_type = model_config.extra.get("model_type", model_config.architecture)
-        generation_config = read_generation_config(self.model_path)
-        return generation_defaults(model_type, self.max_model_len, generation_config, model_config.vocab_size)
+        return model_generation_defaults(self.engine.model_config, self.max_model_len)
 
     # -- batch APIs ---------------------------------------------------------------------------
     def generate(
@@ -80,18 +79,20 @@ class LLM:
 
     # -- streaming ----------------------------------------------------------------------------
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[StreamOutput]:
-        """Yield outputs as tokens come; closing the iterator early aborts the request."""
+        """Yield outputs as tokens come (of every choice: `out.index`); closing the iterator early
+        aborts the request."""
         request_id = f"stream-{next(self._request_ids)}"
-        self.engine.add_request(request_id, self._prompt_token_ids(prompt), sampling_params or SamplingParams())
-        finished = False
+        params = sampling_params or SamplingParams()
+        self.engine.add_request(request_id, self._prompt_token_ids(prompt), params)
+        num_running = params.n
         try:
-            while not finished:
+            while num_running:
                 for out in self.engine.step():
                     if out.request_id == request_id:
-                        finished = out.finished
+                        num_running -= out.finished
                         yield out
         finally:
-            if not finished:
+            if num_running:
                 self.engine.abort(request_id)
 
     def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None) -> Iterator[StreamOutput]:
@@ -112,60 +113,32 @@ class LLM:
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
     def _run_batch(self, token_lists, texts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        """One engine request per prompt; the engine runs its n choices (engine/llm_engine.py)."""
         params = _broadcast_params(sampling_params, len(token_lists))
-        results: list[RequestOutput] = []
-        owners: dict[str, tuple[RequestOutput, CompletionOutput]] = {}
+        requests: dict[str, RequestOutput] = {}
         try:
             for ids, text, p in zip(token_lists, texts, params, strict=True):
-                request = RequestOutput(f"{next(self._request_ids)}", text, ids, [], prompt_logprobs=None)
-                results.append(request)
-                for index in range(p.n):
-                    completion = CompletionOutput(index, "", [], logprobs=[] if p.logprobs is not None else None)
-                    request.outputs.append(completion)
-                    sub_id = f"{request.request_id}-{index}"
-                    owners[sub_id] = (request, completion)
-                    self.engine.add_request(sub_id, ids, _choice_params(p, index))
-            self._drain(owners, len(results), use_tqdm)
+                request_id = f"{next(self._request_ids)}"
+                choices = [CompletionOutput(j, logprobs=[] if p.logprobs is not None else None) for j in range(p.n)]
+                self.engine.add_request(request_id, ids, p)
+                requests[request_id] = RequestOutput(request_id, text, ids, choices)
+            self._drain(requests, use_tqdm)
         except BaseException:
-            for sub_id in owners:
-                self.engine.abort(sub_id)
+            for request_id in requests:
+                self.engine.abort(request_id)
             raise
-        return results
+        return list(requests.values())
 
-    def _drain(self, owners, num_requests: int, use_tqdm: bool) -> None:
-        remaining = {request.request_id: len(request.outputs) for request, _ in owners.values()}
-        with tqdm(total=num_requests, disable=not use_tqdm, desc="generating", unit="req") as progress:
-            while remaining:
+    def _drain(self, requests: dict[str, RequestOutput], use_tqdm: bool) -> None:
+        num_running = len(requests)
+        with tqdm(total=num_running, disable=not use_tqdm, desc="generating", unit="req") as progress:
+            while num_running:
                 for out in self.engine.step():
-                    request, completion = owners[out.request_id]
-                    _accumulate(request, completion, out)
-                    if out.finished:
-                        remaining[request.request_id] -= 1
-                        if remaining[request.request_id] == 0:
-                            del remaining[request.request_id]
-                            request.finished = True
-                            progress.update(1)
-
-
-def _accumulate(request: RequestOutput, completion: CompletionOutput, out: StreamOutput) -> None:
-    completion.token_ids.extend(out.new_token_ids)
-    completion.text += out.text_delta
-    if out.logprobs is not None:
-        completion.logprobs.extend(out.logprobs)
-        chosen = sum(entry[t] for entry, t in zip(out.logprobs, out.new_token_ids, strict=True))
-        completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + chosen
-    if out.prompt_logprobs is not None:
-        request.prompt_logprobs = out.prompt_logprobs
-    request.num_cached_tokens = max(request.num_cached_tokens, out.num_cached_tokens)
-    if out.finished:
-        completion.finish_reason, completion.stop_reason = out.finish_reason, out.stop_reason
-
-
-def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Choice j of n draws with seed + j, so seeded choices differ yet repeat (as the server does)."""
-    if params.seed is None or index == 0:
-        return params
-    return dataclasses.replace(params, seed=params.seed + index)
+                    request = requests[out.request_id]
+                    request.add(out)
+                    if request.finished and out.finished:
+                        num_running -= 1
+                        progress.update(1)
 
 
 def _broadcast_params(sampling_params, count: int) -> list[SamplingParams]:

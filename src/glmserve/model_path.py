@@ -1,7 +1,9 @@
-"""Which model to run: --model, else $MODEL_PATH (as in the official demos), else the bundled GGUF."""
+"""Which model to run: --model, else $MODEL_PATH (as in the official demos), else the bundled GGUF;
+and how a model folder's JSON files are read (config.json, tokenizer_config.json, ...)."""
 
 from __future__ import annotations
 
+import json
 import os
 import site
 import sys
@@ -42,3 +44,9 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
     if bundled is None:
         raise ModelNotFoundError(INSTALL_HINT)
     return bundled
+
+
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file; {} when the folder has none (most of them are optional)."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -8,13 +8,17 @@ from glmserve import SamplingParams
 from glmserve.config import EngineConfig
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.llm_engine import LLMEngine
+from glmserve.tokenization import load_tokenizer
+from glmserve.tokenization.detokenize import TextDetokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def engine(bundled_gguf):
-    async_engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20)))
+    config = EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20)
+    detokenizer = TextDetokenizer(load_tokenizer(bundled_gguf))
+    async_engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, config, detokenizer))
     yield async_engine
     async_engine.shutdown()
 

@@ -24,6 +24,7 @@ from glmserve.devtools.random_checkpoint import (
     write_random_checkpoint,
 )
 from glmserve.engine.checkpoint.hf import open_hf_folder
+from glmserve.engine.device import Placement
 from glmserve.engine.layers.attention import alibi_slopes
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.memory import estimate_memory
@@ -246,11 +247,11 @@ def test_memory_estimate_counts_every_weight(model):
     _, folder, _, _ = model
     checkpoint = open_hf_folder(folder)
     weights = sum(t.numel() * 4 for t in load_file(folder / "model.safetensors").values())
-    assert estimate_memory(checkpoint, EngineConfig(dtype="float32"), 256).weights_bytes == weights
-    bf16, int8 = (
-        estimate_memory(checkpoint, EngineConfig(dtype="bfloat16", quantization=q), 256)
-        for q in (None, "int8")
-    )
+    def estimate(config: EngineConfig):
+        return estimate_memory(checkpoint, config, 256, Placement.resolve(config))
+
+    assert estimate(EngineConfig(dtype="float32")).weights_bytes == weights
+    bf16, int8 = (estimate(EngineConfig(dtype="bfloat16", quantization=q)) for q in (None, "int8"))
     # hidden_size 40: the CPU int8 kernel wants in_features % 16, so those layers dequantize per call
     # into a float buffer as large as the biggest of them, the output layer.
     config = checkpoint.config

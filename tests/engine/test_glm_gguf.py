@@ -13,6 +13,7 @@ from glm_gguf_files import write_chatglm_gguf, write_roundtrip_folder
 from glmserve import LLM, SamplingParams
 from glmserve.config import EngineConfig
 from glmserve.engine.checkpoint import open_checkpoint
+from glmserve.engine.device import Placement
 from glmserve.engine.layers.quant import Int4Weight
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.scheduler import ScheduledBatch
@@ -64,7 +65,8 @@ def prompt_logits(path: Path, prompt: list[int], dtype: str = "float32") -> torc
     """[len(prompt), vocab] float32 logits at every prompt position, one prefill through the
     engine's ModelRunner (paged KV cache)."""
     checkpoint = open_checkpoint(path)
-    runner = ModelRunner(checkpoint.config, EngineConfig(dtype=dtype), checkpoint, [])
+    config = EngineConfig(dtype=dtype)
+    runner = ModelRunner(checkpoint.config, config, Placement.resolve(config), checkpoint, [])
     num_blocks = len(prompt) // runner.block_size + 1
     runner.allocate_kv_cache(num_blocks + 1)
     captured = []

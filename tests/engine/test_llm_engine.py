@@ -1,6 +1,8 @@
 """Engine behaviour on the bundled model: batching, chunking, prefix caching and preemption must
 never change greedy outputs; limits, stops, aborts and logprobs behave as documented."""
 
+from dataclasses import replace
+
 import pytest
 
 from glmserve import LLM, SamplingParams
@@ -137,6 +139,28 @@ def test_seeded_n_choices_differ_and_repeat(llm):
     first = [c.token_ids for c in llm.generate(PROMPTS[3], params)[0].outputs]
     again = [c.token_ids for c in llm.generate(PROMPTS[3], params)[0].outputs]
     assert first == again and len({tuple(t) for t in first}) > 1
+    # Choice j draws as a request of its own seeded seed + j (the server gives the same choices).
+    solo = [llm.generate(PROMPTS[3], replace(params, n=1, seed=7 + j))[0].outputs[0].token_ids for j in range(3)]
+    assert solo == first
+
+
+def test_engine_runs_a_requests_choices_and_aborts_them_together(llm):
+    """Parallel sampling lives in the engine: one request id, n sequences told apart by `index`;
+    an abort stops all of them and frees their blocks."""
+    engine, prompt = llm.engine, llm.get_tokenizer().encode(PROMPTS[0])
+    params = SamplingParams(temperature=1.0, n=3, max_tokens=4, seed=3, ignore_eos=True)
+    engine.add_request("r", prompt, params)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("r", prompt, params)
+    outputs = []
+    while engine.has_unfinished:
+        outputs += engine.step()
+    assert {o.request_id for o in outputs} == {"r"} and sorted({o.index for o in outputs}) == [0, 1, 2]
+    assert sum(o.finished for o in outputs) == 3 and engine.num_unfinished == 0
+    engine.add_request("long", prompt, replace(params, max_tokens=200))
+    engine.step()
+    assert engine.abort("long") and not engine.abort("long") and not engine.has_unfinished
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from glmserve.config import EngineConfig
 from glmserve.engine.checkpoint import open_checkpoint
 from glmserve.engine.checkpoint.quantized import write_quantized
+from glmserve.engine.device import Placement
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import ScheduledBatch
@@ -44,7 +45,7 @@ def tiny_llama(folder):
 def prefill_logits(path, quantization) -> torch.Tensor:
     checkpoint = open_checkpoint(path)
     config = EngineConfig(dtype="bfloat16", quantization=quantization, kv_cache_memory=2**22)
-    runner = ModelRunner(checkpoint.config, config, checkpoint, [2])
+    runner = ModelRunner(checkpoint.config, config, Placement.resolve(config), checkpoint, [2])
     runner.allocate_kv_cache(8)
     seq = Sequence("r", list(range(3, 40)), SamplingParams(temperature=0, prompt_logprobs=5))
     seq.block_table = [1, 2, 3]

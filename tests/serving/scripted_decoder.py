@@ -1,7 +1,7 @@
 """A TEST-ONLY stand-in for AsyncEngine: a "scripted decoder" that ignores the model and emits a
 fixed ChatGLM3-format token sequence through the real tokenizer, so the server's tool-call path
 can be tested end to end (random-weight checkpoints only produce random text). Never served to
-users: it lives under tests/ and is plugged in with create_app(engines=...)."""
+users: it lives under tests/ and is plugged in with create_app(engines={name: (engine, engine.tokenizer)})."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ class ScriptedDecoderEngine:
     def __init__(self, tokenizer, script: Callable[[list[int]], list[int]]):
         self.script = script  # prompt ids -> the ids to emit (the last one is the stop token)
         self.prompts: list[list[int]] = []
+        self.tokenizer = tokenizer
+        model_config = SimpleNamespace(extra={"model_type": "chatglm"}, architecture="ChatGLMModel",
+                                       vocab_size=65024, generation_config={})  # fmt: skip
         self.engine = SimpleNamespace(
-            tokenizer=tokenizer,
             max_model_len=8192,
             kv_cache_tokens=8192,
             block_manager=SimpleNamespace(num_free_blocks=1, num_blocks=1),
-            model_config=SimpleNamespace(extra={"model_type": "chatglm"}, architecture="ChatGLMModel", vocab_size=65024),
+            model_config=model_config,
         )
 
     def stats(self) -> dict:
@@ -39,7 +41,7 @@ class ScriptedDecoderEngine:
 
     async def generate(self, request_id, prompt_ids, params):
         self.prompts.append(list(prompt_ids))
-        tokenizer, ids = self.engine.tokenizer, self.script(list(prompt_ids))
+        tokenizer, ids = self.tokenizer, self.script(list(prompt_ids))
         text = ""
         for n, token_id in enumerate(ids, start=1):
             is_stop = n == len(ids)
@@ -60,8 +62,9 @@ class ScriptedDecoderEngine:
 class ServerThread:
     """A real uvicorn server on 127.0.0.1 in a thread of the test process."""
 
-    def __init__(self, engines: dict):
-        app = create_app(ServeSettings(no_ui=True), engines=engines)
+    def __init__(self, engines: dict[str, ScriptedDecoderEngine]):
+        served = {name: (engine, engine.tokenizer) for name, engine in engines.items()}
+        app = create_app(ServeSettings(no_ui=True), engines=served)
         self.port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)

@@ -36,7 +36,7 @@ def setup():
     engine = ScriptedDecoderEngine(tokenizer, script)
     interpreter = CodeInterpreter(timeout_s=8, memory_limit_bytes=2 * 2**30)
     runner = GLMAgentRunner(interpreter=interpreter)
-    service = ChatService(ModelRegistry(wrap_engines({"scripted": engine})), max_queue=8)
+    service = ChatService(ModelRegistry(wrap_engines({"scripted": (engine, tokenizer)})), max_queue=8)
     with ServerThread({"scripted": engine}) as server:
         yield server, runner, service
     interpreter.shutdown()

@@ -13,6 +13,8 @@ from glmserve.serving.errors import InvalidRequest, QueueFull
 from glmserve.serving.registry import ModelRegistry, wrap_engines
 from glmserve.serving.service import ChatService
 from glmserve.serving.settings import ServeSettings
+from glmserve.tokenization import load_tokenizer
+from glmserve.tokenization.detokenize import TextDetokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -20,8 +22,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def engine(bundled_gguf):
     config = EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=512)
-    engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, config))
-    yield engine
+    tokenizer = load_tokenizer(bundled_gguf)
+    engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, config, TextDetokenizer(tokenizer)))
+    yield engine, tokenizer  # as create_app and wrap_engines take them
     engine.shutdown()
 
 

@@ -4,8 +4,9 @@ import pytest
 import tokenizers
 from tokenizers import decoders
 
-from glmserve.tokenization import Tokenizer, load_tokenizer
+from glmserve.tokenization import load_tokenizer
 from glmserve.tokenization.detokenize import IncrementalDetokenizer
+from glmserve.tokenization.hf import HFTokenizer
 
 REAL_TEXTS = [
     "The quick brown fox jumps over the lazy dog. It's 12:45 and 3.14159 rounds to 3.14!",
@@ -71,7 +72,7 @@ def test_sentencepiece_keeps_leading_spaces_and_byte_pieces():
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    spm = Tokenizer(backend)
+    spm = HFTokenizer(backend)
     detok = IncrementalDetokenizer(spm, prompt_token_ids=[1])
     # The prompt is context: " world" keeps the space a decode of the output alone would strip.
     assert [detok.add([i]) for i in (2, 4, 5, 6, 3)] == [" world", "", "", "你", "!"]

@@ -180,3 +180,12 @@ def test_other_tokenizer_model_folders_are_not_claimed(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "InternLMTokenizer"}))
     with pytest.raises(ValueError, match="no supported tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_every_tokenizer_implements_the_protocol(bundled_gguf):
+    from glmserve.tokenization import Tokenizer, load_tokenizer
+
+    for path in (bundled_gguf, *(PRESETS_DIR / name for name in ("chatglm3", "glm4", "baichuan2-7b"))):
+        tokenizer = load_tokenizer(path)
+        assert isinstance(tokenizer, Tokenizer), type(tokenizer).__name__
+        assert set(tokenizer.stop_token_ids) and tokenizer.decode(tokenizer.encode("hi", add_special_tokens=False)) == "hi"

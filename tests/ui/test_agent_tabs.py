@@ -11,7 +11,7 @@ import uvicorn
 from scripted_runner import ScriptedRunner
 from server_process import free_port, wait_for
 
-from glmserve.serving.app import create_app
+from glmserve.cli.serve import build_app
 from glmserve.serving.settings import ServeSettings
 
 
@@ -27,7 +27,7 @@ def base_url(bundled_gguf, runner):
     )
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings, agent_runner=runner),
+        build_app(settings, agent_runner=runner),
         host="127.0.0.1",
         port=port,
         log_level="warning",

@@ -14,8 +14,8 @@ from server_process import free_port, wait_for
 
 from glmserve.agent.glm_runner import GLMAgentRunner
 from glmserve.agent.interpreter import CodeInterpreter
+from glmserve.cli.serve import build_app
 from glmserve.devtools import PRESETS_DIR
-from glmserve.serving.app import create_app
 from glmserve.serving.settings import ServeSettings
 from glmserve.tokenization.glm import load_glm_tokenizer
 
@@ -35,10 +35,8 @@ def base_url():
         return tokenizer.encode(answer, add_special_tokens=False) + [OBSERVATION_ID]
 
     interpreter = CodeInterpreter(timeout_s=30)
-    app = create_app(
-        ServeSettings(), engines={"scripted": ScriptedDecoderEngine(tokenizer, script)},
-        agent_runner=GLMAgentRunner(interpreter=interpreter),
-    )
+    engine = ScriptedDecoderEngine(tokenizer, script)
+    app = build_app(ServeSettings(), {"scripted": (engine, tokenizer)}, GLMAgentRunner(interpreter=interpreter))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from scripted_runner import ScriptedRunner
 
 from glmserve.agent.runner import AgentRunner, AgentStep
-from glmserve.serving.app import create_app
+from glmserve.cli.serve import build_app
 from glmserve.serving.settings import ServeSettings
 from glmserve.ui.agent_tab import add_step
 from glmserve.ui.mount import build_blocks
@@ -15,7 +15,7 @@ from glmserve.ui.mount import build_blocks
 
 @pytest.fixture
 def app_with_keys(bundled_gguf):
-    return create_app(ServeSettings(model=[str(bundled_gguf)], api_key=["k1", "k2"]))
+    return build_app(ServeSettings(model=[str(bundled_gguf)], api_key=["k1", "k2"]))
 
 
 def tab_labels(blocks) -> list[str]:
@@ -23,7 +23,7 @@ def tab_labels(blocks) -> list[str]:
 
 
 def test_no_ui_mounts_nothing(bundled_gguf):
-    app = create_app(ServeSettings(model=[str(bundled_gguf)], no_ui=True))
+    app = build_app(ServeSettings(model=[str(bundled_gguf)], no_ui=True))
     assert TestClient(app).get("/ui/").status_code == 404
 
 

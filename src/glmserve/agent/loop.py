@@ -25,10 +25,8 @@ from glmserve.agent.interpreter import CodeInterpreter, ExecutionResult
 from glmserve.agent.tools import ToolRegistry
 from glmserve.chat.tool_parsers import (
     CODE_TOOL_NAMES,
-    ChatGLM3ToolParser,
-    GLM4ToolParser,
-    GLMToolParser,
     ToolCall,
+    tool_parser_for,
 )
 
 # ChatGLM3's code-interpreter system prompt (composite_demo), without its /mnt/data path: files
@@ -113,14 +111,6 @@ class LLMBackend:
         finally:
             stop.set()
             await worker
-
-
-def tool_parser_for(tokenizer: Any, tool_names=None) -> GLMToolParser:
-    """ChatGLM3's or GLM-4's parser, told apart by their special tokens (`sop` vs `<sop>`)."""
-    special_ids = getattr(tokenizer, "special_ids", {}) or {}
-    if "<|observation|>" not in special_ids:
-        raise ValueError("tools need a ChatGLM3 or GLM-4 model (a format with <|observation|> turns)")
-    return (GLM4ToolParser if "<sop>" in special_ids else ChatGLM3ToolParser)(tool_names)
 
 
 @dataclass

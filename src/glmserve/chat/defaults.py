@@ -11,12 +11,10 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from glmserve.config import ModelConfig
+
 CHATGLM_MODEL_TYPES = frozenset({"chatglm", "glm", "glm4"})
 BAICHUAN13B_VOCAB_SIZE = 64000  # Baichuan2's is 125696
 
@@ -30,6 +28,12 @@ class GenerationDefaults:
     top_p: float
     top_k: int = 0
     repetition_penalty: float = 1.0
+
+
+def model_generation_defaults(model_config: ModelConfig, max_model_len: int) -> GenerationDefaults:
+    """The defaults of a loaded model, whose context is `max_model_len` tokens."""
+    model_type = model_config.extra.get("model_type", model_config.architecture)
+    return generation_defaults(model_type, max_model_len, model_config.generation_config, model_config.vocab_size)
 
 
 def generation_defaults(
@@ -49,15 +53,3 @@ def generation_defaults(
         top_k=int(generation_config.get("top_k", 0) or 0),
         repetition_penalty=float(generation_config.get("repetition_penalty", 1.0)),
     )
-
-
-def read_generation_config(model_path: Path) -> dict:
-    """generation_config.json of a Hugging Face folder; {} for a GGUF file or when absent."""
-    file = model_path / "generation_config.json" if model_path.is_dir() else None
-    if file is None or not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        logger.warning("ignoring unreadable %s", file)
-        return {}

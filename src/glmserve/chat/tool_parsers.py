@@ -191,3 +191,11 @@ class ToolCallStreamer:
 def _call_delta(index: int, call: ToolCall) -> dict:
     function = {"name": call.name, "arguments": call.arguments}
     return {"tool_calls": [{"index": index, "id": call.id, "type": "function", "function": function}]}
+
+
+def tool_parser_for(tokenizer: object, tool_names=None) -> GLMToolParser:
+    """ChatGLM3's or GLM-4's parser, told apart by their special tokens (`sop` vs `<sop>`)."""
+    special_ids = getattr(tokenizer, "special_ids", {}) or {}
+    if "<|observation|>" not in special_ids:
+        raise ValueError("tools need a ChatGLM3 or GLM-4 model (a format with <|observation|> turns)")
+    return (GLM4ToolParser if "<sop>" in special_ids else ChatGLM3ToolParser)(tool_names)

@@ -343,6 +343,7 @@ def estimate(
         fail(str(e))
     from glmserve.config import EngineConfig
     from glmserve.engine.checkpoint import open_checkpoint
+    from glmserve.engine.device import Placement
     from glmserve.engine.llm_engine import resolve_max_model_len
     from glmserve.engine.memory import estimate_memory
 
@@ -354,7 +355,7 @@ def estimate(
     try:
         checkpoint = open_checkpoint(path)
         limit = resolve_max_model_len(checkpoint.config, max_model_len)
-        result = estimate_memory(checkpoint, config, limit)
+        result = estimate_memory(checkpoint, config, limit, Placement.resolve(config))
     except (ValueError, OSError) as e:
         fail(f"cannot read {path}: {e}")
     typer.echo(f"model: {path}")

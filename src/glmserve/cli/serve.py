@@ -1,7 +1,9 @@
 """`glmserve serve`: its flags are generated from ServeSettings, so each setting is declared once
 (name, type, default, help) and gets a `--flag` and a `GLMSERVE_FLAG` environment variable.
 
-Register it on the main typer app with `app.command()(serve)`; alone: `python -m glmserve.cli.serve`.
+It builds the app (serving/) and mounts the web UI (ui/) with its agent runner (agent/) on it: the
+one place these layers are wired together. Registered on the main typer app with
+`app.command()(serve)`; alone: `python -m glmserve.cli.serve`.
 """
 
 from __future__ import annotations
@@ -28,12 +30,23 @@ def serve(**options: Any) -> None:
     settings = _settings(options)
     try:
         settings.check_exposure()
-        from glmserve.serving.app import create_app  # fastapi and friends: only when serving
-
-        app = create_app(settings, agent_runner=_agent_runner(settings) if _wants_agent(settings) else None)
+        app = build_app(settings, agent_runner=_agent_runner(settings) if _wants_agent(settings) else None)
     except (ValueError, RuntimeError) as error:  # bad names, missing model paths
         _fail(str(error))
     _run(app, settings)
+
+
+def build_app(settings: ServeSettings, engines: Any = None, agent_runner: Any = None) -> Any:
+    """The API app with the web UI at /ui unless --no-ui; an agent runner (agent/glm_runner.py) adds
+    the UI's Tool / Code Interpreter tabs. `engines` as for serving.app.create_app."""
+    from glmserve.serving.app import create_app  # fastapi and friends: only when serving
+
+    app = create_app(settings, engines)
+    if not settings.no_ui:
+        from glmserve.ui import mount_ui  # imports gradio: only when the UI is on
+
+        mount_ui(app, settings, app.state.model_names, agent_runner)
+    return app
 
 
 def _wants_agent(settings: ServeSettings) -> bool:

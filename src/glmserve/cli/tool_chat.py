@@ -10,7 +10,8 @@ from typing import Any
 
 from glmserve.agent.builtin_tools import builtin_registry
 from glmserve.agent.interpreter import CodeInterpreter, SandboxUnavailable
-from glmserve.agent.loop import Agent, LLMBackend, Step, tool_parser_for
+from glmserve.agent.loop import Agent, LLMBackend, Step
+from glmserve.chat.tool_parsers import tool_parser_for
 
 USER_PROMPT = "\n用户 / You: "
 LABELS = {"tool_call": "[tool call]", "observation": "[observation]", "code": "[code]",

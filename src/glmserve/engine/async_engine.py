@@ -34,6 +34,7 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    num_running: int  # choices not finished yet
 
     def push(self, item: StreamOutput | BaseException) -> None:
         _call_soon(self.loop, self.outputs.put_nowait, item)
@@ -75,24 +76,25 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[StreamOutput]:
-        """Yield outputs as they come. ValueError before the first output if the request is invalid.
-        Leaving the loop early (break, cancellation, client gone) aborts the request."""
+        """Yield outputs as they come, of all params.n choices (told apart by `out.index`). ValueError
+        before the first output if the request is invalid. Leaving the loop early (break,
+        cancellation, client gone) aborts the request."""
         if self._stopping:
             raise EngineDeadError("the engine is shutting down")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", request_id, prompt_token_ids, params, stream, accepted))
         await asyncio.wrap_future(accepted)  # raises the engine's ValueError
-        finished = False
+        num_running = params.n
         try:
-            while not finished:
+            while num_running:
                 item = await stream.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                num_running -= item.finished
                 yield item
         finally:
-            if not finished:
+            if num_running:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -180,7 +182,9 @@ class AsyncEngine:
             if stream is None:
                 continue
             if out.finished:
-                del self._streams[out.request_id]
+                stream.num_running -= 1
+                if stream.num_running == 0:
+                    del self._streams[out.request_id]
             deliveries.setdefault(stream.loop, []).append((stream.outputs, out))
         # One wake-up of each event loop per step, not one per stream: the loop's thread then
         # takes a core from the 2 torch threads once per step (oversubscription is costly here).

@@ -1,4 +1,5 @@
-"""Device facts: dtype choice, physical cores, free memory."""
+"""Device facts: dtype choice, physical cores, free memory; and the Placement the engine resolves
+from them once and hands down (layers receive decisions, they do not make them)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,34 @@ import ctypes
 import ctypes.util
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from glmserve.config import EngineConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the engine runs, resolved once when it starts: the device, the compute dtype,
+    and the memory free before the weights load (what memory decisions are made against)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    free_memory_bytes: int
+
+    @classmethod
+    def resolve(cls, config: EngineConfig) -> Placement:
+        device = torch.device(config.device)
+        return cls(device, resolve_dtype(config.dtype, device), available_memory_bytes(device))
+
+    def keeps_dense_copy(self, dense_weight_bytes: int) -> bool:
+        """Whether 4-bit layers also keep a dense copy for many-row steps: only when all dense
+        weights take under a quarter of free memory (a small model); big models stay 4-bit only."""
+        return dense_weight_bytes < self.free_memory_bytes / 4
 
 
 def cpu_has_fast_bf16() -> bool:

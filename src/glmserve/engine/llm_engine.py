@@ -1,27 +1,28 @@
 """LLMEngine: add_request / step / abort over the scheduler, block manager and model runner.
 
-Token ids in, token ids (and their incremental text) out; roles and chat formats live in chat/.
+Token ids in, token ids out; text comes from the Detokenizer the caller hands in (none: ids only),
+roles and chat formats live in chat/. A request's n choices are n sequences (parallel sampling, as
+vLLM's): their outputs carry the request id and the choice's `index`; with a seed, choice j draws
+with seed + j, so choices differ yet repeat.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-
-import torch
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.block_manager import BlockManager
 from glmserve.engine.checkpoint import open_checkpoint
-from glmserve.engine.device import available_memory_bytes
+from glmserve.engine.detokenizer import Detokenizer, SequenceDetokenizer
+from glmserve.engine.device import Placement, available_memory_bytes
 from glmserve.engine.memory import estimate_memory
 from glmserve.engine.model_runner import ModelRunner, StepResult
 from glmserve.engine.outputs import StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.sequence import Sequence
-from glmserve.tokenization import Tokenizer, load_tokenizer
-from glmserve.tokenization.detokenize import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 8192  # cap when the checkpoint allows more and none was asked for
@@ -37,17 +38,22 @@ def resolve_max_model_len(model_config: ModelConfig, requested: int | None) -> i
 
 
 class LLMEngine:
-    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, tokenizer: Tokenizer | None = None):
+    def __init__(
+        self, model_path: str | Path, config: EngineConfig | None = None, detokenizer: Detokenizer | None = None
+    ):
         self.config = config or EngineConfig()
         checkpoint = open_checkpoint(Path(model_path))
         self.model_config = checkpoint.config
-        self.tokenizer = tokenizer or load_tokenizer(model_path)
+        self.detokenizer = detokenizer
         self.max_model_len = resolve_max_model_len(self.model_config, self.config.max_model_len)
-        self.memory = estimate_memory(checkpoint, self.config, self.max_model_len)
+        self.placement = Placement.resolve(self.config)  # device, dtype, free memory: decided here only
+        self.memory = estimate_memory(checkpoint, self.config, self.max_model_len, self.placement)
         self._check_weights_fit()
-        self.stop_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.stop_token_ids)
-        self.runner = ModelRunner(self.model_config, self.config, checkpoint, sorted(self.stop_token_ids))
-        num_blocks = self.runner.num_kv_blocks_for_budget(self.config.max_num_seqs * self.max_model_len)
+        self.stop_token_ids = set(self.model_config.eos_token_ids) | set(detokenizer.stop_token_ids if detokenizer else ())
+        self.runner = ModelRunner(self.model_config, self.config, self.placement, checkpoint, sorted(self.stop_token_ids))
+        max_tokens = self.config.max_num_seqs * self.max_model_len
+        # The KV budget is a share of the memory the loaded weights left free.
+        num_blocks = self.runner.num_kv_blocks_for_budget(max_tokens, available_memory_bytes(self.placement.device))
         if num_blocks == 0:
             raise ValueError(f"the KV cache budget of {self.config.kv_cache_memory} holds no block; raise kv_cache_memory")
         if num_blocks * self.config.block_size < self.max_model_len:  # longer requests are refused at admission
@@ -58,13 +64,13 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.seqs: dict[str, Sequence] = {}
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished choices
+        self.detokenizers: dict[tuple[str, int], SequenceDetokenizer] = {}  # by seq_id
 
     def _check_weights_fit(self) -> None:
         for line in self.memory.lines():
             logger.info("%s", line)
-        free = available_memory_bytes(torch.device(self.config.device))
+        free = self.placement.free_memory_bytes
         if self.memory.weights_bytes > free:
             raise ValueError(
                 f"the weights need {self.memory.weights_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB "
@@ -77,9 +83,27 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError (with the numbers) if it can never run."""
-        if request_id in self.seqs:
+        """Queue a request and its params.n choices; ValueError (with the numbers) if it can never run."""
+        if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_request(prompt_token_ids, params)
+        choices = [Sequence(request_id, list(prompt_token_ids), _choice_params(params, j), j) for j in range(params.n)]
+        self.requests[request_id] = choices
+        for seq in choices:
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
+            if self.detokenizer is not None:
+                self.detokenizers[seq.seq_id] = self.detokenizer.start(
+                    seq.prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            self.scheduler.add(seq)
+
+    def _check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if params.stop and self.detokenizer is None:
+            raise ValueError("stop strings need text: this engine was built without a detokenizer")
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
@@ -102,25 +126,14 @@ class LLMEngine:
                 f"prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache of "
                 f"{self.kv_cache_tokens} tokens; raise kv_cache_memory"
             )
-        seq = Sequence(request_id, list(prompt_token_ids), params)
-        if params.prompt_logprobs is not None:
-            seq.prompt_logprobs = [None]
-        self.seqs[request_id] = seq
-        self.detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer,
-            seq.prompt_token_ids,
-            skip_special_tokens=params.skip_special_tokens,
-            stop=params.stop,
-            include_stop_str_in_output=params.include_stop_str_in_output,
-        )
-        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks at once; False if it is unknown or already done."""
-        seq = self.seqs.get(request_id)
-        if seq is None:
+        """Stop a request (all its choices) and free its blocks at once; False if it is unknown or done."""
+        choices = self.requests.get(request_id)
+        if choices is None:
             return False
-        self._finish(seq, "abort")
+        for seq in list(choices):
+            self._finish(seq, "abort")
         return True
 
     @property
@@ -129,7 +142,8 @@ class LLMEngine:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.seqs)
+        """Requests not finished (each may run several choices)."""
+        return len(self.requests)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[StreamOutput]:
@@ -158,6 +172,7 @@ class LLMEngine:
         seq.append_token(token_id)
         out = StreamOutput(
             request_id=seq.request_id,
+            index=seq.index,
             new_token_ids=[token_id],
             text_delta="",
             logprobs=[result.logprobs[i]] if result.logprobs[i] is not None else None,
@@ -169,32 +184,36 @@ class LLMEngine:
         return out
 
     def _check_finish(self, seq: Sequence, token_id: int, out: StreamOutput) -> None:
-        params, detok = seq.params, self.detokenizers[seq.request_id]
+        params, detok = seq.params, self.detokenizers.get(seq.seq_id)
         can_stop = seq.num_output_tokens >= params.min_tokens  # stop ids are banned before that
         if can_stop and token_id in params.stop_token_ids:
             reason, stop_reason = "stop", token_id
         elif can_stop and not params.ignore_eos and token_id in self.stop_token_ids:
             reason, stop_reason = "stop", None
         else:
-            out.text_delta = detok.add([token_id])
+            out.text_delta = detok.add([token_id]) if detok else ""
             reason, stop_reason = None, None
-            if detok.is_stopped:
+            if detok and detok.is_stopped:
                 reason, stop_reason = "stop", detok.stop_reason
             elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
                 reason = "length"
             elif seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason is not None:
-            if not detok.is_stopped:
+            if detok and not detok.is_stopped:
                 out.text_delta += detok.flush()
             out.finish_reason, out.stop_reason = reason, stop_reason
             self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         self.scheduler.finish(seq, reason, stop_reason)
-        self.runner.release(seq.request_id)
-        self.seqs.pop(seq.request_id, None)
-        self.detokenizers.pop(seq.request_id, None)
+        self.runner.release(seq)
+        self.detokenizers.pop(seq.seq_id, None)
+        choices = [c for c in self.requests.get(seq.request_id, []) if c is not seq]
+        if choices:
+            self.requests[seq.request_id] = choices
+        else:
+            self.requests.pop(seq.request_id, None)
 
     def stats(self) -> dict[str, float]:
         return {
@@ -204,3 +223,9 @@ class LLMEngine:
             "prefix_cache_hit_rate": self.block_manager.prefix_cache_hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice j of n: a sequence of its own (n=1); with a seed, seed + j."""
+    seed = params.seed + index if params.seed is not None else None
+    return dataclasses.replace(params, n=1, seed=seed)

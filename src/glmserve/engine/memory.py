@@ -19,9 +19,9 @@ from gguf import GGMLQuantizationType as QType
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.checkpoint.gguf_quant import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.checkpoint.gguf_quant import INT4_TYPES
-from glmserve.engine.device import resolve_dtype
+from glmserve.engine.device import Placement
 from glmserve.engine.layers.linear import Linear, is_output_layer, prepacks
-from glmserve.engine.layers.quant import keeps_dense_copy, quantized_bytes, select_kernel
+from glmserve.engine.layers.quant import quantized_bytes, select_kernel
 from glmserve.engine.models import model_class
 
 GIB = 2**30
@@ -55,15 +55,16 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
-def estimate_memory(checkpoint, engine_config: EngineConfig, max_model_len: int) -> MemoryEstimate:
-    device = torch.device(engine_config.device)
-    dtype = resolve_dtype(engine_config.dtype, device)
+def estimate_memory(
+    checkpoint, engine_config: EngineConfig, max_model_len: int, placement: Placement
+) -> MemoryEstimate:
+    dtype = placement.dtype
     quantization = getattr(checkpoint, "quantization", None) or engine_config.quantization
     group_size = getattr(checkpoint, "group_size", engine_config.quantization_group_size)
     if checkpoint.format == "gguf" and quantization in (None, "int4"):
-        weights = _gguf_weights_bytes(checkpoint, dtype, keep_dense=quantization is None, device=device)
+        weights = _gguf_weights_bytes(checkpoint, placement, keep_dense=quantization is None)
     else:
-        weights = _model_weights_bytes(checkpoint.config, dtype, quantization, group_size, device)
+        weights = _model_weights_bytes(checkpoint.config, placement, quantization, group_size)
     return MemoryEstimate(
         weights_bytes=weights,
         kv_bytes_per_token=kv_bytes_per_token(checkpoint.config, dtype),
@@ -110,10 +111,10 @@ class _WeightBytes:
 GGUF_MERGED = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "ffn_gate": "ffn_up"}
 
 
-def _gguf_weights_bytes(checkpoint, dtype: torch.dtype, keep_dense: bool, device: torch.device) -> int:
-    tensors = checkpoint.reader.tensors
+def _gguf_weights_bytes(checkpoint, placement: Placement, keep_dense: bool) -> int:
+    device, dtype, tensors = placement.device, placement.dtype, checkpoint.reader.tensors
     dense = sum(int(t.n_elements) for t in tensors) * dtype.itemsize
-    keep_dense = keep_dense and keeps_dense_copy(dense, device)
+    keep_dense = keep_dense and placement.keeps_dense_copy(dense)
     weights = _WeightBytes(device, dtype)
     for group in _gguf_linear_groups(tensors).values():
         scheme = _kept_scheme(group) if _is_linear(group[0]) else None
@@ -166,14 +167,13 @@ def _gguf_linear_groups(tensors) -> dict[str, list]:
     return groups
 
 
-def _model_weights_bytes(
-    config: ModelConfig, dtype: torch.dtype, quantization: str | None, group_size: int, device: torch.device
-) -> int:
+def _model_weights_bytes(config: ModelConfig, placement: Placement, quantization: str | None, group_size: int) -> int:
+    device, dtype = placement.device, placement.dtype
     with torch.device("meta"):
         model = model_class(config)(config)
     weights = _WeightBytes(device, dtype)
     dense = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    keep_dense = quantization is None and keeps_dense_copy(dense, device)  # as ModelRunner decides
+    keep_dense = quantization is None and placement.keeps_dense_copy(dense)  # as ModelRunner decides
     weights.stored += _tied_output_copy_bytes(config, dtype, device, keep_dense)
     for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):

@@ -9,10 +9,9 @@ import torch
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.attention_metadata import build_attention_metadata
-from glmserve.engine.device import available_memory_bytes, num_physical_cores, resolve_dtype
+from glmserve.engine.device import Placement, num_physical_cores
 from glmserve.engine.layers.attention import AttentionMetadata
 from glmserve.engine.layers.linear import Linear, is_output_layer
-from glmserve.engine.layers.quant import keeps_dense_copy
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
@@ -40,10 +39,11 @@ class _Inputs:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, checkpoint, eos_token_ids):
-        self.model_config, self.engine_config = model_config, engine_config
-        self.device = torch.device(engine_config.device)
-        self.dtype = resolve_dtype(engine_config.dtype, self.device)
+    def __init__(
+        self, model_config: ModelConfig, engine_config: EngineConfig, placement: Placement, checkpoint, eos_token_ids
+    ):
+        self.model_config, self.engine_config, self.placement = model_config, engine_config, placement
+        self.device, self.dtype = placement.device, placement.dtype
         if self.device.type == "cpu":
             torch.set_num_threads(engine_config.num_threads or num_physical_cores())
         self.eos_token_ids = list(eos_token_ids)  # banned before min_tokens
@@ -58,7 +58,7 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_zeroed_blocks = 0
-        self.generators: dict[str, torch.Generator] = {}
+        self.generators: dict[tuple[str, int], torch.Generator] = {}  # by seq_id
 
     def _plan_quantization(self, quantization: str | None, group_size: int) -> bool:
         """Tell each linear layer how to store its weight before the weights arrive; True when
@@ -74,7 +74,7 @@ class ModelRunner:
         if quantization not in (None, "none", "int8", "int4"):
             raise ValueError(f"quantization must be none, int8 or int4; got {quantization!r}")
         dense_bytes = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
-        keep_dense = quantization is None and keeps_dense_copy(dense_bytes, self.device)
+        keep_dense = quantization is None and self.placement.keeps_dense_copy(dense_bytes)
         for path, module in self.model.named_modules():
             if isinstance(module, Linear):
                 is_head = is_output_layer(path)
@@ -89,11 +89,12 @@ class ModelRunner:
         c = self.model_config
         return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
 
-    def num_kv_blocks_for_budget(self, max_tokens_needed: int) -> int:
-        """Blocks the KV budget allows, never more than `max_tokens_needed` can use."""
+    def num_kv_blocks_for_budget(self, max_tokens_needed: int, free_memory_bytes: int) -> int:
+        """Blocks the KV budget allows (a fraction of `free_memory_bytes`, or bytes), never more
+        than `max_tokens_needed` can use."""
         budget = self.engine_config.kv_cache_memory
         if budget <= 1:
-            budget = budget * available_memory_bytes(self.device)
+            budget = budget * free_memory_bytes
         block_bytes = self.kv_bytes_per_token * self.block_size
         return min(int(budget // block_bytes), -(-max_tokens_needed // self.block_size))
 
@@ -170,13 +171,13 @@ class ModelRunner:
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.is_greedy:
             return None
-        gen = self.generators.get(seq.request_id)
+        gen = self.generators.get(seq.seq_id)
         if gen is None:
-            gen = self.generators[seq.request_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+            gen = self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
         return gen
 
-    def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+    def release(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)
 
     # -- batch preparation --------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> _Inputs:

@@ -1,4 +1,5 @@
-"""One request's token ids, status and block table. No torch."""
+"""One sequence's token ids, status and block table: one choice of a request (n choices are n
+sequences sharing the request id, told apart by `index`). No torch."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    index: int = 0  # which of the request's n choices
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -33,6 +35,11 @@ class Sequence:
     num_preemptions: int = 0
     # [None, {token_id: logprob}, ...] filled as prefill chunks run; kept across preemptions.
     prompt_logprobs: list | None = None
+
+    @property
+    def seq_id(self) -> tuple[str, int]:
+        """Unique among live sequences: what per-sequence state (seeds, text) is keyed by."""
+        return self.request_id, self.index
 
     @property
     def token_ids(self) -> list[int]:

@@ -3,9 +3,15 @@
     app = create_app(ServeSettings(model=["chat=path/to/model.gguf"]))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Or with engines built by the caller (tests, an embedding program), which then own them:
+Or with engines built by the caller (tests, an embedding program), which then own them, each with
+its tokenizer (the engine gets text through a TextDetokenizer of it):
 
-    app = create_app(settings, engines={"smol": AsyncEngine(lambda: LLMEngine(path))})
+    tokenizer = load_tokenizer(path)
+    engine = AsyncEngine(lambda: LLMEngine(path, EngineConfig(), TextDetokenizer(tokenizer)))
+    app = create_app(settings, engines={"smol": (engine, tokenizer)})
+
+The web UI is mounted by whoever builds the app (`glmserve serve`: cli/serve.py); this layer
+never imports it.
 """
 
 from __future__ import annotations
@@ -40,18 +46,16 @@ from glmserve.serving.settings import (
 from glmserve.serving.streaming import ClientDisconnected, client_disconnected_response
 
 if TYPE_CHECKING:
-    from glmserve.agent.runner import AgentRunner
     from glmserve.engine.async_engine import AsyncEngine
+    from glmserve.tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: ServeSettings,
-    engines: Mapping[str, AsyncEngine] | None = None,
-    agent_runner: AgentRunner | None = None,
+    settings: ServeSettings, engines: Mapping[str, tuple[AsyncEngine, Tokenizer]] | None = None
 ) -> FastAPI:
-    """`agent_runner` (tools and code interpreter) adds the UI's Tool / Code Interpreter tabs."""
+    """The API app; `app.state.model_names` lists the served names (for the UI's model picker)."""
     named_paths = None if engines else resolve_models(settings)
     model_names = list(engines) if engines else list(named_paths)
     state: dict = {}  # the registry, once the lifespan has loaded the models
@@ -88,10 +92,7 @@ def create_app(
             expose_headers=["X-Request-ID"],
         )
     app.add_middleware(RequestContextMiddleware, record=metrics.record_request)
-    if not settings.no_ui:
-        from glmserve.ui import mount_ui  # imports gradio: only when the UI is on
-
-        mount_ui(app, settings, model_names, agent_runner)
+    app.state.model_names = model_names
     return app
 
 

@@ -1,7 +1,8 @@
 """The served models: name -> AsyncEngine, tokenizer and the family's generation defaults.
 
 Engines are built here only when the app is not handed ready ones; the engine modules (and so
-torch) are imported inside `load_model`, never at import time of the serving layer.
+torch) are imported inside `load_model`, never at import time of the serving layer. The engine
+gets text through a TextDetokenizer of the model's tokenizer; the tokenizer itself stays here.
 """
 
 from __future__ import annotations
@@ -13,28 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glmserve.chat.defaults import GenerationDefaults, generation_defaults, read_generation_config
+from glmserve.chat.defaults import GenerationDefaults, model_generation_defaults
 from glmserve.serving.errors import ModelNotFound
 from glmserve.serving.settings import ServeSettings, check_model_name
+from glmserve.tokenization import Tokenizer, load_tokenizer
+from glmserve.tokenization.detokenize import TextDetokenizer
 
 if TYPE_CHECKING:
     from glmserve.engine.async_engine import AsyncEngine
-    from glmserve.tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
 @dataclass
 class ServedModel:
     name: str
     engine: AsyncEngine
+    tokenizer: Tokenizer
     defaults: GenerationDefaults
     is_owned: bool = True  # built by us, so shut down by us
     created: int = field(default_factory=lambda: int(time.time()))
     num_unfinished: int = 0  # sequences admitted and not finished; touched by the event loop only
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine.engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -102,23 +103,19 @@ def load_model(name: str, path: Path, settings: ServeSettings) -> ServedModel:
     from glmserve.engine.llm_engine import LLMEngine
 
     logger.info("loading model %s from %s", name, path)
-    engine = AsyncEngine(lambda: LLMEngine(path, settings.engine_config()))  # loads on the engine thread
-    return ServedModel(name, engine, model_generation_defaults(engine, path))
+    tokenizer = load_tokenizer(path)
+    detokenizer = TextDetokenizer(tokenizer)
+    engine = AsyncEngine(lambda: LLMEngine(path, settings.engine_config(), detokenizer))  # loads on its thread
+    return _served(name, engine, tokenizer)
 
 
-def wrap_engines(engines: Mapping[str, AsyncEngine]) -> list[ServedModel]:
-    """Engines handed in by the caller (tests, the web UI): served as they are, never shut down here."""
-    return [
-        ServedModel(check_model_name(name), engine, model_generation_defaults(engine), is_owned=False)
-        for name, engine in engines.items()
-    ]
+def wrap_engines(engines: Mapping[str, tuple[AsyncEngine, Tokenizer]]) -> list[ServedModel]:
+    """Engines handed in by the caller with their tokenizers (tests, an embedding program): served
+    as they are, never shut down here."""
+    return [_served(check_model_name(name), engine, tokenizer, is_owned=False)
+            for name, (engine, tokenizer) in engines.items()]  # fmt: skip
 
 
-def model_generation_defaults(engine: AsyncEngine, path: Path | None = None) -> GenerationDefaults:
-    """The family defaults of chat/defaults.py (ChatGLM demo values; else the folder's
-    generation_config.json when it samples, else greedy)."""
-    llm_engine = engine.engine
-    model_type = llm_engine.model_config.extra.get("model_type", llm_engine.model_config.architecture)
-    generation_config = read_generation_config(path) if path is not None else {}
-    vocab_size = llm_engine.model_config.vocab_size
-    return generation_defaults(model_type, llm_engine.max_model_len, generation_config, vocab_size)
+def _served(name: str, engine: AsyncEngine, tokenizer: Tokenizer, is_owned: bool = True) -> ServedModel:
+    defaults = model_generation_defaults(engine.engine.model_config, engine.engine.max_model_len)
+    return ServedModel(name, engine, tokenizer, defaults, is_owned)

@@ -19,10 +19,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
-from glmserve.engine.outputs import PositionLogprobs, StreamOutput
+from glmserve.engine.outputs import CompletionOutput, StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.serving.errors import APIError, InvalidRequest, QueueFull, ServerError
 from glmserve.serving.metrics import ServerMetrics
@@ -32,30 +32,20 @@ Event = tuple[int, StreamOutput]  # (choice index, what the engine produced for 
 
 
 @dataclass
-class Completion:
-    """One choice, accumulated from its stream."""
+class Completion(CompletionOutput):
+    """One choice, accumulated from its stream, with its prompt's counts (a completions request may
+    hold several prompts)."""
 
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     prompt_logprobs: list | None = None  # [None, {token_id: logprob}, ...] when requested
 
     def add(self, out: StreamOutput) -> None:
+        super().add(out)
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
-        self.text += out.text_delta
-        self.token_ids += out.new_token_ids
-        if out.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + out.logprobs
         self.num_prompt_tokens = out.num_prompt_tokens
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
-        if out.finished:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
 async def collect(events: AsyncIterator[Event], num_choices: int) -> list[Completion]:
@@ -124,29 +114,29 @@ class ChatService:
         params: Sequence[SamplingParams],
         request_id: str | None = None,
     ) -> AsyncIterator[Event]:
-        """Run each prompt with its params, params.n choices each (choice index = prompt * n + j).
-        Raises InvalidRequest before the first event for a request the engine refuses; closing
-        the iterator early aborts every choice and frees its KV blocks."""
+        """Run each prompt with its params, params.n choices each (the engine's parallel sampling;
+        event index = prompt * n + choice). Raises InvalidRequest before the first event for a
+        request the engine refuses; closing the iterator early aborts every choice and frees its
+        KV blocks."""
         request_id = request_id or uuid.uuid4().hex
-        jobs = [
-            (f"{request_id}-{i * p.n + j}", ids, _choice_params(p, j))
-            for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
-            for j in range(p.n)
-        ]
-        self._admit(model, len(jobs))
-        model.num_unfinished += len(jobs)
+        num_seqs = sum(p.n for p in params)
+        self._admit(model, num_seqs)
+        model.num_unfinished += num_seqs
         try:
-            streams = [self._sequence(model, *job) for job in jobs]
+            streams = [
+                self._request(model, f"{request_id}-{i}", ids, p, first_index=i * p.n)
+                for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+            ]
             if len(streams) == 1:
                 async with aclosing(streams[0]) as stream:
-                    async for out in stream:
-                        yield 0, out
+                    async for event in stream:
+                        yield event
             else:
                 async with aclosing(_merge(streams)) as events:
                     async for event in events:
                         yield event
         finally:
-            model.num_unfinished -= len(jobs)
+            model.num_unfinished -= num_seqs
 
     async def stream_chat(
         self,
@@ -180,19 +170,19 @@ class ChatService:
                 headers={"Retry-After": str(QueueFull.retry_after_s)},
             )
 
-    async def _sequence(
-        self, model: ServedModel, sub_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[StreamOutput]:
-        """One engine request, with its latencies recorded."""
+    async def _request(
+        self, model: ServedModel, request_id: str, prompt_ids: list[int], params: SamplingParams, first_index: int
+    ) -> AsyncIterator[Event]:
+        """One engine request (its n choices), with its latencies recorded."""
         observe_first, observe_next, observe_total = self._latency_observers(model)
         start = last = time.monotonic()
         try:
-            async with aclosing(model.engine.generate(sub_id, prompt_ids, params)) as outputs:
+            async with aclosing(model.engine.generate(request_id, prompt_ids, params)) as outputs:
                 async for out in outputs:
                     now = time.monotonic()
                     (observe_next if last > start else observe_first)(now - last)
                     last = now
-                    yield out
+                    yield first_index + out.index, out
         except ValueError as error:  # refused by the engine, before any output
             raise InvalidRequest.from_value_error(error) from None
         except RuntimeError as error:  # the engine failed or is shutting down
@@ -232,35 +222,29 @@ def _room_for_answer(model: ServedModel, num_prompt_tokens: int, max_length: int
     )
 
 
-def _choice_params(params: SamplingParams, j: int) -> SamplingParams:
-    """Choice j of n: its own sequence; with a seed, seed + j, so choices differ yet repeat."""
-    seed = params.seed + j if params.seed is not None else None
-    return replace(params, n=1, seed=seed)
-
-
-async def _merge(streams: list[AsyncIterator[StreamOutput]]) -> AsyncIterator[Event]:
-    """Interleave several choices' streams as their outputs arrive."""
+async def _merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
+    """Interleave several prompts' event streams as their outputs arrive."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[StreamOutput]) -> None:
+    async def pump(stream: AsyncIterator[Event]) -> None:
         try:
-            async for out in stream:
-                queue.put_nowait((index, out))
-            queue.put_nowait((index, None))
+            async for event in stream:
+                queue.put_nowait(event)
+            queue.put_nowait(None)
         except APIError as error:
-            queue.put_nowait((index, error))
+            queue.put_nowait(error)
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
     num_running = len(tasks)
     try:
         while num_running:
-            index, item = await queue.get()
+            item = await queue.get()
             if item is None:
                 num_running -= 1
             elif isinstance(item, APIError):
                 raise item
             else:
-                yield index, item
+                yield item
     finally:
         for task in tasks:
             task.cancel()

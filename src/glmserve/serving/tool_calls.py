@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from glmserve.agent.loop import tool_parser_for
-from glmserve.chat.tool_parsers import GLMToolParser, ToolCallStreamer
+from glmserve.chat.tool_parsers import GLMToolParser, ToolCallStreamer, tool_parser_for
 from glmserve.serving.errors import InvalidRequest
 
 

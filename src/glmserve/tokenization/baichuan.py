@@ -1,5 +1,5 @@
 """Baichuan-13B and Baichuan2 tokenizers (SentencePiece, the folder's tokenizer.model) with no remote
-code, offering the interface of `glmserve.tokenization.Tokenizer`.
+code, implementing the `Tokenizer` protocol (tokenization/base.py).
 
     tok = load_baichuan_tokenizer(folder)   # tokenizer_config.json names BaichuanTokenizer
     tok.encode("你好")                       # no BOS: add_bos_token is false in all three releases
@@ -21,14 +21,16 @@ from itertools import pairwise
 from pathlib import Path
 
 from glmserve.chat.baichuan import ASSISTANT_TOKEN_ID, BAICHUAN_STOP_IDS, USER_TOKEN_ID, baichuan_prompt
+from glmserve.tokenization.base import CodeChatFormat, encode_with_specials
 
 # Only one piece holds a newline, so a leading "\n" never merges with what follows it.
 CONTINUATION_SENTINEL = "\n"
 
 
-class BaichuanTokenizer:
-    chat_template = None  # the chat format is code (chat/baichuan.py), not Jinja
-    supports_input_budget = True  # apply_chat_template(max_input_tokens=...) drops old rounds
+class BaichuanTokenizer(CodeChatFormat):
+    """The chat format is code (chat/baichuan.py), with an input budget that drops old rounds."""
+
+    supports_input_budget = True
 
     def __init__(self, model_file: Path):
         import sentencepiece  # a dependency of ChatGLM2/3 and Baichuan support only
@@ -40,10 +42,10 @@ class BaichuanTokenizer:
         role_texts = sorted({self.sp.id_to_piece(i) for i in self.role_ids}, key=len, reverse=True)
         self._role_pattern = re.compile("|".join(re.escape(t) for t in role_texts))
         self._num_sentinel_ids = len(self.sp.encode(CONTINUATION_SENTINEL))
-        self._special_ids = {
+        self.special_ids = {
             self.sp.id_to_piece(i): i for i in (*self.role_ids, self.bos_token_id, self.eos_token_id)
         }
-        self._special_pattern = re.compile("|".join(re.escape(t) for t in self._special_ids))
+        self._special_pattern = re.compile("|".join(re.escape(t) for t in self.special_ids))
 
     @property
     def vocab_size(self) -> int:
@@ -51,20 +53,14 @@ class BaichuanTokenizer:
 
     @property
     def all_special_ids(self) -> set[int]:
-        return set(self._special_ids.values()) | {self.sp.unk_id()}
+        return set(self.special_ids.values()) | {self.sp.unk_id()}
 
     def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = False) -> list[int]:
         """Ids of `text`; role, BOS and EOS strings in it stay text unless parse_special. No BOS is
         added (the releases' add_bos_token is false), so add_special_tokens changes nothing."""
         if not parse_special:
             return self.encode_text(text)
-        ids, start = [], 0
-        for found in self._special_pattern.finditer(text):
-            ids += self._encode_piece(text[start : found.start()], start == 0) + [
-                self._special_ids[found.group()]
-            ]
-            start = found.end()
-        return ids + self._encode_piece(text[start:], start == 0)
+        return encode_with_specials(text, self._special_pattern, self.special_ids, self._encode_piece)
 
     def encode_text(self, text: str) -> list[int]:
         """Plain text: never a role id. Chunks end one character into each role text."""
@@ -115,18 +111,6 @@ class BaichuanTokenizer:
                 "Baichuan chat models have no tool-calling format; send the request without tools"
             )
         return baichuan_prompt(messages, self.encode_text, add_generation_prompt, max_input_tokens)
-
-    def render_chat_template(
-        self,
-        messages: Sequence[Mapping],
-        tools: list | None = None,
-        add_generation_prompt: bool = True,
-        **kwargs,
-    ) -> str:
-        """The prompt as text, for debugging; `apply_chat_template` gives the ids to run."""
-        return self.decode(
-            self.apply_chat_template(messages, tools, add_generation_prompt), skip_special_tokens=False
-        )
 
 
 def is_baichuan_tokenizer_folder(folder: Path) -> bool:

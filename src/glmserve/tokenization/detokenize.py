@@ -116,3 +116,14 @@ class IncrementalDetokenizer:
             ),
             default=0,
         )
+
+
+class TextDetokenizer:
+    """The engine's Detokenizer (engine/detokenizer.py) for one tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = tuple(tokenizer.stop_token_ids)
+
+    def start(self, prompt_token_ids: Sequence[int], **options) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, **options)

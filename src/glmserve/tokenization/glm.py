@@ -1,5 +1,5 @@
 """ChatGLM2/3 (SentencePiece) and GLM-4 (tiktoken) tokenizers, read from a model folder's own files
-with no remote code, offering the interface of `glmserve.tokenization.Tokenizer`.
+with no remote code, implementing the `Tokenizer` protocol (tokenization/base.py).
 
     tok = load_glm_tokenizer(folder)   # tokenizer_config.json names ChatGLMTokenizer / ChatGLM4Tokenizer
     tok.encode("你好")                  # [gMASK] sop + ids, as THUDM's tokenizers do
@@ -15,7 +15,6 @@ from a raw prompt with parse_special=True. Ids past the vocabulary (the embeddin
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 from glmserve.chat.chatglm import CHATGLM3_STOP_TOKENS, chatglm2_prompt, chatglm3_prompt
 from glmserve.chat.glm4 import GLM4_STOP_TOKENS, glm4_prompt
 from glmserve.chat.template import special_pattern
+from glmserve.model_path import read_json
+from glmserve.tokenization.base import CodeChatFormat, encode_with_specials
 
 CHATGLM_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")  # ChatGLM2; ChatGLM3 adds the roles
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -37,11 +38,10 @@ GLM4_PATTERN = (
 )
 
 
-class GLMTokenizer:
+class GLMTokenizer(CodeChatFormat):
     """The shared half: special tokens numbered after `num_ordinary` ordinary tokens, the
-    `[gMASK] sop` prefix, stop ids and the chat format. Subclasses encode and decode text."""
-
-    chat_template = None  # the chat format is code (chat/chatglm.py, chat/glm4.py), not Jinja
+    `[gMASK] sop` prefix, stop ids and the chat format (code: chat/chatglm.py, chat/glm4.py).
+    Subclasses encode and decode text."""
 
     def __init__(
         self,
@@ -73,15 +73,11 @@ class GLMTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = False) -> list[int]:
         """Ids of `text` (special-token strings in it stay text unless parse_special), after the
         `[gMASK] sop` prefix when add_special_tokens."""
-        ids = self._encode_with_specials(text) if parse_special else self.encode_text(text)
+        if parse_special:
+            ids = encode_with_specials(text, self._special_pattern, self.special_ids, lambda t, _: self.encode_text(t))
+        else:
+            ids = self.encode_text(text)
         return self._prefix_ids + ids if add_special_tokens else ids
-
-    def _encode_with_specials(self, text: str) -> list[int]:
-        ids, start = [], 0
-        for found in self._special_pattern.finditer(text):
-            ids += self.encode_text(text[start : found.start()]) + [self.special_ids[found.group()]]
-            start = found.end()
-        return ids + self.encode_text(text[start:])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Runs of ordinary ids are decoded together (so multi-token characters come out whole)."""
@@ -107,18 +103,6 @@ class GLMTokenizer:
     ) -> list[int]:
         """Prompt ids for a conversation: special tokens by id only, message text as text."""
         return self._prefix_ids + self._chat_format(messages, tools, add_generation_prompt)
-
-    def render_chat_template(
-        self,
-        messages: Sequence[Mapping],
-        tools: list | None = None,
-        add_generation_prompt: bool = True,
-        **kwargs,
-    ) -> str:
-        """The prompt as text, for debugging; `apply_chat_template` gives the ids to run."""
-        return self.decode(
-            self.apply_chat_template(messages, tools, add_generation_prompt), skip_special_tokens=False
-        )
 
     def encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -205,7 +189,7 @@ def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 def glm_tokenizer_class(folder: Path) -> str | None:
     """THUDM's tokenizer class named by the folder's tokenizer_config.json, if it is one of ours."""
-    config = _read_json(folder / "tokenizer_config.json")
+    config = read_json(folder / "tokenizer_config.json")
     name = config.get("tokenizer_class")
     return (
         name
@@ -232,7 +216,7 @@ def load_glm_tokenizer(folder: Path) -> GLMTokenizer:
 
 def _glm4_special_ids(folder: Path) -> dict[str, int]:
     """From tokenizer_config.json's added_tokens_decoder; else THUDM's list after the 151329 ranks."""
-    added = _read_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    added = read_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
     special_ids = {entry["content"]: int(i) for i, entry in added.items() if entry.get("special")}
     return special_ids or {token: 151329 + i for i, token in enumerate(GLM4_SPECIALS)}
 
@@ -241,11 +225,8 @@ def _is_chatglm2(folder: Path) -> bool:
     """ChatGLM2-6B and ChatGLM3-6B share tokenizer.model and tokenizer_config.json but for the
     repository name they were saved from; the chat formats differ (rounds vs role tokens)."""
     names = (
-        _read_json(folder / "tokenizer_config.json").get("name_or_path", ""),
-        _read_json(folder / "config.json").get("_name_or_path", ""),
+        read_json(folder / "tokenizer_config.json").get("name_or_path", ""),
+        read_json(folder / "config.json").get("_name_or_path", ""),
     )
     return any("chatglm2" in str(name).lower() for name in names)
 
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

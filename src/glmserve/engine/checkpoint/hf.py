@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from glmserve.config import ModelConfig
+from glmserve.model_path import read_json
 
 # model_type values served by the Llama model (engine/models/llama.py).
 LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -87,9 +88,7 @@ def open_hf_folder(folder: Path) -> HFCheckpoint:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder} has no config.json; expected a Hugging Face checkpoint folder")
-    generation_file = folder / "generation_config.json"
-    generation_config = _read_json(generation_file) if generation_file.is_file() else {}
-    config = hf_model_config(_read_json(config_file), generation_config)
+    config = hf_model_config(read_json(config_file), read_json(folder / "generation_config.json"))
     weight_format, weight_files = find_weight_files(folder)
     return HFCheckpoint(folder, config, weight_format, weight_files)
 
@@ -114,6 +113,7 @@ def hf_model_config(config: dict[str, Any], generation_config: dict[str, Any]) -
         bos_token_id=_first(generation_config, "bos_token_id", default=config.get("bos_token_id")),
         eos_token_ids=_eos_token_ids(config, generation_config),
         torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+        generation_config=generation_config,
         extra=_llama_extra(config) if is_llama else dict(config),
     )
     if model_type == "chatglm":
@@ -217,7 +217,7 @@ def find_weight_files(folder: Path) -> tuple[str, tuple[Path, ...]]:
     """(format, files): an index's shards in name order, else the single file; safetensors first."""
     for weight_format, single_name, index_name in WEIGHT_LAYOUTS:
         if (folder / index_name).is_file():
-            weight_map = _read_json(folder / index_name)["weight_map"]
+            weight_map = read_json(folder / index_name)["weight_map"]
             files = tuple(folder / name for name in sorted(set(weight_map.values())))
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -272,7 +272,3 @@ def read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for name in list(state_dict):
         yield name, state_dict.pop(name)
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

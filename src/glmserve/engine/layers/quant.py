@@ -33,8 +33,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from glmserve.engine.device import available_memory_bytes
-
 
 @dataclass
 class Int4Weight:
@@ -420,9 +418,3 @@ def kernel_for(weight: QuantWeight, device: torch.device, dtype: torch.dtype) ->
     if isinstance(weight, Int8BlockWeight):
         return select_kernel("q8_0", weight.shape, device, dtype, weight.group_size)
     return select_kernel("int4", weight.shape, device, dtype, weight.group_size)
-
-
-def keeps_dense_copy(dense_weight_bytes: int, device: torch.device) -> bool:
-    """4-bit layers also keep their dense weight for many-row steps when all dense weights take
-    under a quarter of free memory (a small model); big models stay 4-bit only."""
-    return dense_weight_bytes < available_memory_bytes(device) / 4

@@ -8,7 +8,8 @@ import gguf
 import pytest
 import tokenizers
 
-from glmserve.tokenization import Tokenizer, load_tokenizer
+from glmserve.tokenization import load_tokenizer
+from glmserve.tokenization.hf import HFTokenizer
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -113,7 +114,7 @@ def test_content_parts_equal_string_content(tok):
 
 
 def test_missing_chat_template_is_a_clear_error():
-    bare = Tokenizer(tokenizers.Tokenizer(tokenizers.models.BPE()))
+    bare = HFTokenizer(tokenizers.Tokenizer(tokenizers.models.BPE()))
     with pytest.raises(ValueError, match="no chat template"):
         bare.apply_chat_template([{"role": "user", "content": "hi"}])
 
