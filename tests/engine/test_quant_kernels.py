@@ -6,15 +6,13 @@ import pytest
 import torch
 
 from glmserve.engine.layers.linear import Linear, MergedLinear
-from glmserve.engine.layers.quant import (
+from glmserve.engine.layers.quant import Int4Weight, Int8Weight, pack_nibbles
+from glmserve.engine.layers.quant_kernels import (
     DequantInt4,
     DequantInt8,
-    Int4Weight,
-    Int8Weight,
     PackedInt4,
     PackedInt4Cuda,
     PackedInt8,
-    pack_nibbles,
     select_kernel,
 )
 

@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as QType
 from glmserve import LLM, SamplingParams
 from glmserve.engine.checkpoint.gguf_quant import read_int4, read_q8_0
 from glmserve.engine.layers.linear import Linear, MergedLinear
-from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight, Int8Weight, PackedInt4, PackedInt8Blocks
+from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight, Int8Weight
+from glmserve.engine.layers.quant_kernels import PackedInt4, PackedInt8Blocks
 
 BLOCK_BYTES = {QType.Q4_0: 18, QType.Q4_1: 20, QType.Q4_K: 144, QType.Q8_0: 34}
 BLOCK_WEIGHTS = {QType.Q4_0: 32, QType.Q4_1: 32, QType.Q4_K: 256, QType.Q8_0: 32}

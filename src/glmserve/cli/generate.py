@@ -1,4 +1,4 @@
-"""`glmserve generate`'s requests: JSONL lines -> checked requests -> one batched run.
+"""`glmserve generate`: a JSONL file of requests -> checked requests -> one batched run -> JSONL.
 
 Every line stays an item, in order: a request the engine runs, or the one-line reason it cannot
 run (bad JSON, unknown fields, a prompt past the context), so no line is ever dropped silently.
@@ -7,9 +7,22 @@ run (bad JSON, unknown fields, a prompt past the context), so no line is ever dr
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Annotated, Any, TextIO
 
+import typer
+
+from glmserve.cli.common import (
+    Dtype,
+    DtypeOption,
+    MaxModelLenOption,
+    ModelOption,
+    QuantizationOption,
+    fail,
+    load_llm,
+    make_params,
+)
 from glmserve.engine.sampling_params import SamplingParams
 
 LINE_PARAM_TYPES = {
@@ -146,3 +159,73 @@ def collect(items: list[BatchItem], outputs: list[Any]) -> None:
             "prompt_tokens": len(out.prompt_token_ids),
             "completion_tokens": len(completion.token_ids),
         }
+
+
+# ---------------------------------------------------------------- the command
+
+
+def read_lines(path: str) -> list[str]:
+    source = open_stream(path, "r")
+    try:
+        return source.readlines()
+    except UnicodeDecodeError as e:
+        fail(f"{path} is not UTF-8 text: {e.reason}")
+    finally:
+        if source is not sys.stdin:
+            source.close()
+
+
+def open_stream(path: str, mode: str) -> TextIO:
+    if path == "-":
+        return sys.stdin if "r" in mode else sys.stdout
+    try:
+        return open(path, mode, encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot open {path}: {e.strerror}")
+
+
+def generate(
+    input_path: Annotated[str, typer.Option("--input", "-i", help="JSONL requests, `-` for stdin")],
+    output_path: Annotated[str, typer.Option("--output", "-o", help="JSONL results, `-` for stdout")] = "-",
+    model: ModelOption = None,
+    dtype: DtypeOption = Dtype.auto,
+    max_model_len: MaxModelLenOption = None,
+    quantization: QuantizationOption = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Default 256", show_default=False)] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Default 1.0; 0 is greedy", show_default=False)
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(help="Default 1.0", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed for every line", show_default=False)] = None,
+) -> None:
+    """Run a JSONL file of requests as one batch, with a progress bar.
+
+    Each line is {"prompt": "..."} or {"messages": [...]}, optionally with max_tokens,
+    temperature, top_p, stop, seed. Each writes one line, in order: {"index", "text",
+    "finish_reason", "prompt_tokens", "completion_tokens"}, or {"index", "line", "error"}.
+    """
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    defaults = {name: value for name, value in given.items() if value is not None}
+    make_params(**defaults)
+    items = read_items(read_lines(input_path), defaults)
+    sink = open_stream(output_path, "w")
+    if any(not item.error for item in items):
+        llm = load_llm(model, dtype, max_model_len, quantization)
+        try:
+            run_batch(llm, items)
+        except ValueError as e:  # the engine refused the batch: nothing was written yet
+            fail(str(e))
+    write_results(items, sink)
+    if sink is not sys.stdout:
+        sink.close()
+
+
+def write_results(items: list[BatchItem], sink: TextIO) -> None:
+    for item in items:
+        if item.error:
+            typer.echo(f"warning: line {item.line_no}: {item.error}", err=True)
+        record = item.result or {"index": item.index, "line": item.line_no, "error": item.error}
+        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sink.flush()
+    num_failed = sum(1 for item in items if item.error)
+    typer.echo(f"{len(items) - num_failed} ok, {num_failed} failed", err=True)

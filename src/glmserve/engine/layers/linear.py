@@ -15,16 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmserve.engine.layers.quant import (
+from glmserve.engine.layers.quant import Int4Weight, Int8Weight, QuantWeight
+from glmserve.engine.layers.quant_kernels import (
     DequantInt4,
     DequantInt8,
-    Int4Weight,
-    Int8Weight,
     PackedInt4,
     PackedInt4Cuda,
     PackedInt8,
     PackedInt8Blocks,
-    QuantWeight,
     kernel_for,
 )
 

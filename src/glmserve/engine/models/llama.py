@@ -15,7 +15,8 @@ from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
 from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import MAX_INT4_ROWS, Linear, MergedLinear, prepack, prepacked_linear
 from glmserve.engine.layers.norm import RMSNorm
-from glmserve.engine.layers.quant import QuantWeight, kernel_for
+from glmserve.engine.layers.quant import QuantWeight
+from glmserve.engine.layers.quant_kernels import kernel_for
 from glmserve.engine.layers.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
