@@ -256,11 +256,11 @@ def test_int8_layers_of_any_width_are_correct(in_features):
 
 
 def test_int4_packing_in_row_blocks_equals_whole_matrix(monkeypatch):
-    from glmserve.engine.layers import quant
+    from glmserve.engine.layers import quant_kernels
 
     weight = random_int4(64 * 5 + 32, 128)  # the last block is short
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
-    monkeypatch.setattr(quant, "QUANTIZE_CHUNK", 128 * 64)  # 64 rows per block
+    monkeypatch.setattr(quant_kernels, "QUANTIZE_CHUNK", 128 * 64)  # 64 rows per block
     assert torch.equal(PackedInt4.from_weight(weight, torch.bfloat16).packed, whole)
     halves = random_q8_0(64 * 5 + 32, 64)
     whole = PackedInt4.from_weight(halves.as_int4_halves(), torch.bfloat16)
