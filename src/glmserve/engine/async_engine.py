@@ -56,9 +56,9 @@ def _deliver(items: list[tuple[asyncio.Queue, StreamOutput]]) -> None:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]):
         """Pass a factory (e.g. `lambda: LLMEngine(path, config)`) so the model loads on the engine
-        thread: torch ops run there ~2x faster than in a thread other than the one that loaded
-        the model (measured: 85 vs 40 tok/s single-stream on this 2-core CPU; OpenMP thread teams
-        are per master thread). A ready LLMEngine is accepted too. Load errors re-raise here."""
+        thread: OpenMP thread teams are per master thread, and torch ops ran about twice as fast
+        there as in a thread other than the one that loaded the model (docs/engine.md). A ready
+        LLMEngine is accepted too. Load errors re-raise here."""
         factory = engine if callable(engine) else (lambda: engine)
         self.engine: LLMEngine | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

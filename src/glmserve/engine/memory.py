@@ -17,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from glmserve.config import EngineConfig, ModelConfig
+from glmserve.engine.checkpoint import Checkpoint, weight_quantization
 from glmserve.engine.checkpoint.gguf_quant import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.checkpoint.gguf_quant import INT4_TYPES
 from glmserve.engine.device import Placement
@@ -57,11 +58,10 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def estimate_memory(
-    checkpoint, engine_config: EngineConfig, max_model_len: int, placement: Placement
+    checkpoint: Checkpoint, engine_config: EngineConfig, max_model_len: int, placement: Placement
 ) -> MemoryEstimate:
     dtype = placement.dtype
-    quantization = getattr(checkpoint, "quantization", None) or engine_config.quantization
-    group_size = getattr(checkpoint, "group_size", engine_config.quantization_group_size)
+    quantization, group_size = weight_quantization(checkpoint, engine_config)
     if checkpoint.format == "gguf" and quantization in (None, "int4"):
         weights = _gguf_weights_bytes(checkpoint, placement, keep_dense=quantization is None)
     else:

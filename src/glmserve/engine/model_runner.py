@@ -9,6 +9,7 @@ import torch
 
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.attention_metadata import build_attention_metadata
+from glmserve.engine.checkpoint import Checkpoint, weight_quantization
 from glmserve.engine.device import Placement, num_physical_cores
 from glmserve.engine.layers.attention import AttentionMetadata
 from glmserve.engine.layers.linear import Linear, is_output_layer
@@ -40,7 +41,12 @@ class _Inputs:
 
 class ModelRunner:
     def __init__(
-        self, model_config: ModelConfig, engine_config: EngineConfig, placement: Placement, checkpoint, eos_token_ids
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        placement: Placement,
+        checkpoint: Checkpoint,
+        eos_token_ids: list[int],
     ):
         self.model_config, self.engine_config, self.placement = model_config, engine_config, placement
         self.device, self.dtype = placement.device, placement.dtype
@@ -48,9 +54,8 @@ class ModelRunner:
             torch.set_num_threads(engine_config.num_threads or num_physical_cores())
         self.eos_token_ids = list(eos_token_ids)  # banned before min_tokens
         self.model = build_model(model_config, self.dtype, self.device)
-        # A pre-quantized checkpoint (glmserve quantize) runs as it was written.
-        quantization = engine_config.quantization or getattr(checkpoint, "quantization", None)
-        keep_dense = self._plan_quantization(quantization, engine_config.quantization_group_size)
+        quantization, group_size = weight_quantization(checkpoint, engine_config)
+        keep_dense = self._plan_quantization(quantization, group_size)
         keep_quantized = quantization in (None, "int4")  # a GGUF's 4-bit and Q8_0 blocks, exactly
         load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_quantized=keep_quantized))
         if keep_dense and hasattr(self.model, "prepack_tied_output"):

@@ -18,23 +18,41 @@ from typing import Protocol
 
 import torch
 
-from glmserve.config import ModelConfig
+from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.checkpoint.gguf import is_gguf_file, open_gguf, read_gguf_metadata
 from glmserve.engine.checkpoint.hf import open_hf_folder
 from glmserve.engine.checkpoint.quantized import is_quantized_folder, open_quantized
+from glmserve.engine.layers.quant import QuantWeight
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_gguf_metadata"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_gguf_metadata", "weight_quantization"]
 
 
 class Checkpoint(Protocol):
     config: ModelConfig
     path: Path
-    format: str  # "gguf" | "safetensors" | "bin"
+    format: str  # "gguf" | "safetensors" | "bin" | "glmserve-quantized"
+    # How the file stores its linear weights when it was written quantized (`glmserve quantize`:
+    # "int4" | "int8", with its group size); None for float weights and for GGUF's own block types.
+    quantization: str | None
+    group_size: int | None
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(
+        self, dtype: torch.dtype, keep_quantized: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
         """Yield (Hugging Face name, tensor) one at a time; float tensors already in `dtype`.
-        A tied output head (config.tie_word_embeddings) yields no `lm_head.weight`."""
+        Quantized weights come as QuantWeight: a pre-quantized folder's always, a GGUF's 4-bit and
+        Q8_0 blocks with `keep_quantized` (exactly, else dequantized to `dtype`). A tied output
+        head (config.tie_word_embeddings) yields no `lm_head.weight`."""
         ...
+
+
+def weight_quantization(checkpoint: Checkpoint, config: EngineConfig) -> tuple[str | None, int]:
+    """The scheme and group size linear weights run with: a pre-quantized checkpoint's own (it runs
+    as it was written), else the engine's --quantization. The runner and the memory estimate both
+    ask here."""
+    if checkpoint.quantization is not None:
+        return checkpoint.quantization, checkpoint.group_size or config.quantization_group_size
+    return config.quantization, config.quantization_group_size
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -111,6 +111,8 @@ class GGUFCheckpoint:
     is_rope_permuted: bool = False
     names: TensorNames = LLAMA_NAMES
     format: str = "gguf"
+    quantization: str | None = None  # GGUF block types are kept by iter_tensors(keep_quantized=True)
+    group_size: int | None = None
 
     def iter_tensors(
         self, dtype: torch.dtype, keep_quantized: bool = False

@@ -52,6 +52,8 @@ class HFCheckpoint:
     config: ModelConfig
     format: str  # "safetensors" | "bin"
     weight_files: tuple[Path, ...]
+    quantization: str | None = None  # float weights (see engine/checkpoint, Checkpoint)
+    group_size: int | None = None
 
     def iter_tensors(self, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name, tensor), float tensors in `dtype`, one shard and one tensor at a time.

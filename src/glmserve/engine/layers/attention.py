@@ -4,9 +4,8 @@ The flat batch holds the decode tokens first (one per sequence), then the prefil
 each prefilling sequence back to back. Each layer writes the new K/V into the cache slots
 (`slot_mapping`), then:
 - decodes: gather each sequence's blocks, then one SDPA call for up to SDPA_MAX_DECODES
-  sequences, two batched matmuls for more (measured on this CPU, bf16, 160 keys, per layer:
-  1 sequence 30 µs against 68, 4: 80 against 119, 8: 136 against 145, 16 (272 keys): 349
-  against 216);
+  sequences (its fused kernel wins while the batch is small), two batched matmuls for more
+  (which win once SDPA's per-sequence overhead dominates; figures in docs/engine.md);
 - prefills: pad the chunks to [P, max_q], gather the blocks, one SDPA call with a causal
   mask by absolute position (chunks may start after a cached prefix).
 Grouped KV heads are handled by folding each group of query heads into the query length.

@@ -26,17 +26,15 @@ from glmserve.engine.layers.quant_kernels import (
     kernel_for,
 )
 
-# The CPU int4/int8 kernels beat bf16 GEMM for a few rows (decode of 1-4 sequences) and lose
-# at 16 rows (measured on this 2-core Zen 4: 1536x576, 16 rows: int4 228 us, bf16 68 us), so a
-# layer that also holds its dense weight uses it for bigger steps. CUDA's tinygemm likewise grows
-# about linearly with rows (4096x4096 on an A6000: 0.04 ms at 16 rows, 2.2 ms at 1024, per
-# torchao's prototype/hqq README).
+# The CPU int4/int8 kernels are weight-bound GEMVs: they beat bf16 GEMM for a few rows (decode of
+# 1-4 sequences) and lose by 16 rows, where bf16 reuses each weight across rows; CUDA's tinygemm
+# likewise grows about linearly with rows. So a layer that also holds its dense weight uses it for
+# bigger steps (figures: docs/engine.md, "Kernels per step size").
 MAX_INT4_ROWS = 4
 
 # oneDNN reorders a plain bf16 weight into its blocked layout on every F.linear call; reordered once
-# at load (`_reorder_linear_weight`, as inductor's weight prepacking does), the same GEMM is 2-3x
-# faster for few rows (this machine, 3072x576: 1 row 137 -> 52 us, 16 rows 294 -> 161 us) and
-# ~1.3x for a 6B model's layers (27392x4096, 1 row: 14.0 -> 10.4 ms), with identical results.
+# at load (`_reorder_linear_weight`, as inductor's weight prepacking does), the same GEMM is
+# faster, most for few rows, with identical results (docs/engine.md).
 PREPACK_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

@@ -18,8 +18,8 @@ from glmserve.engine.models.baichuan import BaichuanForCausalLM
 from glmserve.engine.models.glm import ChatGLMForCausalLM, GlmForCausalLM
 from glmserve.engine.models.llama import LlamaForCausalLM
 
-# malloc_trim takes ~1 ms: give freed pages back once per this many bytes of loaded weights
-# (counted as float32), not after every small norm or bias.
+# malloc_trim walks the whole heap: give freed pages back once per this many bytes of loaded
+# weights (counted as float32), not after every small norm or bias.
 TRIM_EVERY_BYTES = 64 * 2**20
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {

@@ -98,17 +98,17 @@ class LlamaForCausalLM(nn.Module):
 
     def prepack_tied_output(self) -> None:
         """Small models on CPU in bf16 also keep the tied output layer in oneDNN's layout (see
-        layers/linear.py, prepack) for many-row steps: 16 rows of SmolLM2's 49152x576 take
-        3.4 ms instead of 7.3 with the embedding's plain layout."""
+        layers/linear.py, prepack) for many-row steps, where the plain layout is reordered on
+        every call (about twice as slow for SmolLM2's 49152x576; docs/engine.md)."""
         if self.lm_head is None:
             self.prepacked_output = prepack(self.model.embed_tokens.weight)
 
     def keep_quantized_output(self, weight: QuantWeight) -> None:
         """Tied embeddings from a GGUF come quantized (SmolLM2's Q8_0). A lookup needs the dense
         embedding, but the output layer reads all of it every step, and on a small model that read
-        is the largest cost of a step (SmolLM2-135M: 4.5 ms in bf16 against 1.5 ms for the Q8_0
-        blocks, of a ~15 ms step). So few-row steps also keep the file's form where a fused kernel
-        reads it, as llama.cpp does."""
+        is the largest cost of a step (SmolLM2-135M: Q8_0 blocks read a third of bf16's bytes;
+        docs/engine.md). So few-row steps also keep the file's form where a fused kernel reads
+        it, as llama.cpp does."""
         embedding = self.model.embed_tokens.weight
         kernel = kernel_for(weight, embedding.device, embedding.dtype)
         if kernel is not None and kernel.is_fused:
