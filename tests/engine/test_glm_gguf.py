@@ -65,7 +65,7 @@ def prompt_logits(path: Path, prompt: list[int], dtype: str = "float32") -> torc
     """[len(prompt), vocab] float32 logits at every prompt position, one prefill through the
     engine's ModelRunner (paged KV cache)."""
     checkpoint = open_checkpoint(path)
-    config = EngineConfig(dtype=dtype)
+    config = EngineConfig(dtype=dtype, activation_precision="float")  # exact: the weights are compared
     runner = ModelRunner(checkpoint.config, config, Placement.resolve(config), checkpoint, [])
     num_blocks = len(prompt) // runner.block_size + 1
     runner.allocate_kv_cache(num_blocks + 1)

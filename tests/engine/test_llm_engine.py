@@ -18,8 +18,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def make_llm(**options) -> LLM:
+    """Float activations: these tests compare greedy tokens exactly across batching, chunking and
+    preemption, which 8-bit activations (per-step noise at near-ties) would blur."""
     options.setdefault("kv_cache_memory", 64 * 2**20)
-    return LLM(dtype="float32", **options)
+    return LLM(dtype="float32", activation_precision="float", **options)
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +166,16 @@ def test_engine_runs_a_requests_choices_and_aborts_them_together(llm):
 
 
 
-def test_small_batches_on_the_packed_bf16_path_match_solo():
-    """The default path (bf16, 4-bit kernels and SDPA for steps of up to 4 sequences): batches of
+@pytest.mark.parametrize("precision", ["int8", "float"])
+def test_small_batches_on_the_packed_bf16_path_match_solo(precision):
+    """The default paths (bf16, 4-bit kernels and SDPA for steps of up to 4 sequences): batches of
     2 to 4 decodes feed strided norm outputs to the kernels and masks to SDPA. bf16 sums depend on
     the batch's shapes (prefill GEMMs, padding), so a batch may part from its solo run at a
     near-tie: up to there the tokens are the same, and there the batch's pick is within 0.15 nats
-    of solo's best."""
-    bf16 = LLM(dtype="bfloat16", kv_cache_memory=64 * 2**20)
+    of solo's best. 8-bit activations turn such differences into whole rounding steps, hence
+    a wider margin there."""
+    margin = 0.15 if precision == "float" else 0.5
+    bf16 = LLM(dtype="bfloat16", kv_cache_memory=64 * 2**20, activation_precision=precision)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     solo = [bf16.generate(p, params)[0].outputs[0] for p in PROMPTS[:4]]
     for count in (4, 2):
@@ -179,4 +184,4 @@ def test_small_batches_on_the_packed_bf16_path_match_solo():
             first = next((i for i, (a, b) in enumerate(zip(got, ref.token_ids, strict=True)) if a != b), None)
             if first is not None:
                 best = ref.logprobs[first]
-                assert got[first] in best and max(best.values()) - best[got[first]] < 0.15, (first, got, ref.token_ids)
+                assert got[first] in best and max(best.values()) - best[got[first]] < margin, (first, got, ref.token_ids)

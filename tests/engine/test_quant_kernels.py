@@ -5,6 +5,8 @@ the CUDA kernels where a GPU is present."""
 import pytest
 import torch
 
+from glmserve.engine.kernels import native
+from glmserve.engine.kernels.native_linear import NativeInt4, NativeInt8
 from glmserve.engine.layers.linear import Linear, MergedLinear
 from glmserve.engine.layers.quant import Int4Weight, Int8Weight, pack_nibbles
 from glmserve.engine.layers.quant_kernels import (
@@ -63,17 +65,28 @@ def gpu(monkeypatch):
     return set_capability
 
 
-def test_cpu_bf16_keeps_its_packed_kernels():
-    assert select_kernel("int4", (64, 128), CPU, BF16, 32) is PackedInt4
-    assert select_kernel("int8", (64, 128), CPU, BF16) is PackedInt8
-    assert select_kernel("int8", (64, 40), CPU, BF16) is DequantInt8  # the int8 kernel is wrong at K % 16
-    assert select_kernel("int4", (24, 128), CPU, BF16, 32) is DequantInt4  # N % 16
+@pytest.mark.parametrize("dtype", [BF16, FP32, FP16])
+def test_cpu_runs_the_native_kernels_with_int8_activations(dtype):
+    assert native.load(), "the native kernels should build on the test machines"
+    assert select_kernel("int4", (24, 128), CPU, dtype, 32) is NativeInt4
+    assert select_kernel("int4", (64, 4096), CPU, dtype, 64) is NativeInt4
+    assert select_kernel("int8", (7, 96), CPU, dtype, 96) is NativeInt8
+    assert select_kernel("q8_0", (64, 576), CPU, dtype, 32) is NativeInt8
+    assert select_kernel("int4", (64, 72), CPU, dtype, 24) is DequantInt4  # K % 32: not native
+
+
+def test_cpu_bf16_keeps_its_packed_kernels_with_float_activations():
+    float_acts = {"int8_activations": False}
+    assert select_kernel("int4", (64, 128), CPU, BF16, 32, **float_acts) is PackedInt4
+    assert select_kernel("int8", (64, 128), CPU, BF16, **float_acts) is PackedInt8
+    assert select_kernel("int8", (64, 40), CPU, BF16, **float_acts) is DequantInt8  # wrong at K % 16
+    assert select_kernel("int4", (24, 128), CPU, BF16, 32, **float_acts) is DequantInt4  # N % 16
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16])
-def test_cpu_without_bf16_dequantizes(dtype):
-    assert select_kernel("int4", (64, 128), CPU, dtype, 32) is DequantInt4
-    assert select_kernel("int8", (64, 128), CPU, dtype) is DequantInt8
+def test_cpu_without_bf16_dequantizes_with_float_activations(dtype):
+    assert select_kernel("int4", (64, 128), CPU, dtype, 32, int8_activations=False) is DequantInt4
+    assert select_kernel("int8", (64, 128), CPU, dtype, int8_activations=False) is DequantInt8
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
@@ -145,8 +158,8 @@ def test_merged_linear_quantized_on_load_stays_quantized(dtype, scheme):
 
 def test_dense_copy_beats_dequantizing_per_call():
     """A small model's 4-bit layers keep their dense weight; without a packed kernel that is all they keep."""
-    layer = Linear(128, 64)  # float32: no packed kernel on CPU
-    layer.keep_dense_copy = True
+    layer = Linear(128, 64)  # float32, float activations: no packed kernel on CPU
+    layer.keep_dense_copy, layer.int8_activations = True, False
     weight = random_int4(64, 128, 32)
     layer.load_shard("weight", weight)
     assert layer.packed is None and torch.equal(layer.weight, weight.dequantize())

@@ -21,7 +21,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine(bundled_gguf):
-    config = EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=512)
+    config = EngineConfig(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=512, activation_precision="float")
     tokenizer = load_tokenizer(bundled_gguf)
     engine = AsyncEngine(lambda: LLMEngine(bundled_gguf, config, TextDetokenizer(tokenizer)))
     yield engine, tokenizer  # as create_app and wrap_engines take them

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from glmserve.cli.common import (
+    ActivationPrecision,
+    ActivationPrecisionOption,
     Dtype,
     DtypeOption,
     MaxModelLenOption,
@@ -120,6 +122,7 @@ def chat(
     dtype: DtypeOption = Dtype.auto,
     max_model_len: MaxModelLenOption = None,
     quantization: QuantizationOption = None,
+    activation_precision: ActivationPrecisionOption = ActivationPrecision.int8,
     system: Annotated[str | None, typer.Option(help="System prompt for the whole conversation")] = None,
     temperature: Annotated[
         float | None, typer.Option(help="0 is greedy [default: the model family's]", show_default=False)
@@ -157,7 +160,7 @@ def chat(
     generation_config.json says so, else answer greedily (the bundled GGUF has none).
     """
     make_params(temperature=temperature or 0.0, top_p=top_p or 1.0)  # reject bad values before loading
-    llm = load_llm(model, dtype, max_model_len, quantization)
+    llm = load_llm(model, dtype, max_model_len, quantization, activation_precision)
     defaults = llm.generation_defaults
     params = make_params(
         temperature=defaults.temperature if temperature is None else temperature,

@@ -55,6 +55,20 @@ QuantizationOption = Annotated[
 ]
 
 
+class ActivationPrecision(str, Enum):
+    int8 = "int8"
+    float = "float"
+
+
+ActivationPrecisionOption = Annotated[
+    ActivationPrecision,
+    typer.Option(
+        help="int8: int4/int8 weights on CPU multiply activations quantized to 8 bits per block of 32 "
+        "(native kernels, as llama.cpp; slightly different results); float: activations stay in --dtype",
+    ),
+]
+
+
 def fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
@@ -68,7 +82,11 @@ def make_params(**kwargs: Any) -> SamplingParams:
 
 
 def load_llm(
-    model: str | None, dtype: Dtype, max_model_len: int | None, quantization: Quantization | None = None
+    model: str | None,
+    dtype: Dtype,
+    max_model_len: int | None,
+    quantization: Quantization | None = None,
+    activation_precision: ActivationPrecision = ActivationPrecision.int8,
 ) -> Any:
     try:
         path = resolve_model_path(model)
@@ -78,6 +96,7 @@ def load_llm(
 
     try:
         quant = quantization.value if quantization else None
-        return LLM(model=str(path), dtype=dtype.value, max_model_len=max_model_len, quantization=quant)
+        return LLM(model=str(path), dtype=dtype.value, max_model_len=max_model_len, quantization=quant,
+                   activation_precision=activation_precision.value)  # fmt: skip
     except (ValueError, OSError, NotImplementedError) as e:
         fail(f"cannot load {path}: {e}")

@@ -14,6 +14,8 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from glmserve.cli.common import (
+    ActivationPrecision,
+    ActivationPrecisionOption,
     Dtype,
     DtypeOption,
     MaxModelLenOption,
@@ -191,6 +193,7 @@ def generate(
     dtype: DtypeOption = Dtype.auto,
     max_model_len: MaxModelLenOption = None,
     quantization: QuantizationOption = None,
+    activation_precision: ActivationPrecisionOption = ActivationPrecision.int8,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Default 256", show_default=False)] = None,
     temperature: Annotated[
         float | None, typer.Option(help="Default 1.0; 0 is greedy", show_default=False)
@@ -210,7 +213,7 @@ def generate(
     items = read_items(read_lines(input_path), defaults)
     sink = open_stream(output_path, "w")
     if any(not item.error for item in items):
-        llm = load_llm(model, dtype, max_model_len, quantization)
+        llm = load_llm(model, dtype, max_model_len, quantization, activation_precision)
         try:
             run_batch(llm, items)
         except ValueError as e:  # the engine refused the batch: nothing was written yet

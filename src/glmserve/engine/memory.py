@@ -62,10 +62,11 @@ def estimate_memory(
 ) -> MemoryEstimate:
     dtype = placement.dtype
     quantization, group_size = weight_quantization(checkpoint, engine_config)
+    int8 = engine_config.activation_precision == "int8"
     if checkpoint.format == "gguf" and quantization in (None, "int4"):
-        weights = _gguf_weights_bytes(checkpoint, placement, keep_dense=quantization is None)
+        weights = _gguf_weights_bytes(checkpoint, placement, keep_dense=quantization is None, int8_activations=int8)
     else:
-        weights = _model_weights_bytes(checkpoint.config, placement, quantization, group_size)
+        weights = _model_weights_bytes(checkpoint.config, placement, quantization, group_size, int8)
     return MemoryEstimate(
         weights_bytes=weights,
         kv_bytes_per_token=kv_bytes_per_token(checkpoint.config, dtype),
@@ -82,6 +83,7 @@ class _WeightBytes:
 
     device: torch.device
     dtype: torch.dtype
+    int8_activations: bool
     stored: int = 0
     buffer: int = 0
 
@@ -96,7 +98,7 @@ class _WeightBytes:
         """One linear weight [N, K], stored as Linear._store_weight stores it."""
         dense = shape[0] * shape[1] * self.dtype.itemsize
         quantized = quantized_bytes(scheme, shape, group_size, self.dtype)
-        kernel = select_kernel(scheme, shape, self.device, self.dtype, group_size)
+        kernel = select_kernel(scheme, shape, self.device, self.dtype, group_size, self.int8_activations)
         if kernel is None:  # Q8_0 blocks with no kernel: stored dense
             self.stored += dense
             return
@@ -112,11 +114,11 @@ class _WeightBytes:
 GGUF_MERGED = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "ffn_gate": "ffn_up"}
 
 
-def _gguf_weights_bytes(checkpoint, placement: Placement, keep_dense: bool) -> int:
+def _gguf_weights_bytes(checkpoint, placement: Placement, keep_dense: bool, int8_activations: bool) -> int:
     device, dtype, tensors = placement.device, placement.dtype, checkpoint.reader.tensors
     dense = sum(int(t.n_elements) for t in tensors) * dtype.itemsize
     keep_dense = keep_dense and placement.keeps_dense_copy(dense)
-    weights = _WeightBytes(device, dtype)
+    weights = _WeightBytes(device, dtype, int8_activations)
     for group in _gguf_linear_groups(tensors).values():
         scheme = _kept_scheme(group) if _is_linear(group[0]) else None
         if scheme is None:
@@ -129,7 +131,7 @@ def _gguf_weights_bytes(checkpoint, placement: Placement, keep_dense: bool) -> i
     scheme = _kept_scheme([embedding]) if embedding is not None else None
     if checkpoint.config.tie_word_embeddings and scheme is not None:  # models/llama.py, keep_quantized_output
         shape = (int(embedding.shape[1]), int(embedding.shape[0]))
-        kernel = select_kernel(scheme, shape, device, dtype, GGUF_GROUP_SIZE)
+        kernel = select_kernel(scheme, shape, device, dtype, GGUF_GROUP_SIZE, int8_activations)
         if kernel is not None and kernel.is_fused:
             weights.stored += quantized_bytes(scheme, shape, GGUF_GROUP_SIZE, dtype)
     return weights.total
@@ -168,11 +170,13 @@ def _gguf_linear_groups(tensors) -> dict[str, list]:
     return groups
 
 
-def _model_weights_bytes(config: ModelConfig, placement: Placement, quantization: str | None, group_size: int) -> int:
+def _model_weights_bytes(
+    config: ModelConfig, placement: Placement, quantization: str | None, group_size: int, int8_activations: bool
+) -> int:
     device, dtype = placement.device, placement.dtype
     with torch.device("meta"):
         model = model_class(config)(config)
-    weights = _WeightBytes(device, dtype)
+    weights = _WeightBytes(device, dtype, int8_activations)
     dense = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     keep_dense = quantization is None and placement.keeps_dense_copy(dense)  # as ModelRunner decides
     weights.stored += _tied_output_copy_bytes(config, dtype, device, keep_dense)

@@ -78,6 +78,11 @@ class ModelRunner:
         """
         if quantization not in (None, "none", "int8", "int4"):
             raise ValueError(f"quantization must be none, int8 or int4; got {quantization!r}")
+        if self.engine_config.activation_precision not in ("int8", "float"):
+            raise ValueError(f"activation_precision must be int8 or float; got {self.engine_config.activation_precision!r}")
+        int8_activations = self.engine_config.activation_precision == "int8"
+        if hasattr(self.model, "int8_activations"):  # a tied output layer kept quantized
+            self.model.int8_activations = int8_activations
         dense_bytes = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize
         keep_dense = quantization is None and self.placement.keeps_dense_copy(dense_bytes)
         for path, module in self.model.named_modules():
@@ -86,6 +91,7 @@ class ModelRunner:
                 module.quantization = ("int8" if is_head else quantization) if quantization in ("int8", "int4") else None
                 module.group_size = group_size
                 module.keep_dense_copy = keep_dense
+                module.int8_activations = int8_activations
         return keep_dense
 
     # -- KV pool ------------------------------------------------------------------------------

@@ -58,6 +58,11 @@ class ServeSettings(BaseModel):
     quantization_group_size: int = Field(
         EngineConfig.quantization_group_size, ge=16, description="int4 group size (input columns per scale)"
     )
+    activation_precision: Literal["int8", "float"] = Field(
+        "int8",
+        description="int8: int4/int8 weights on CPU multiply activations quantized to 8 bits per block of 32 "
+        "(native kernels, as llama.cpp; slightly different results); float: activations stay in --dtype",
+    )
     max_model_len: int | None = Field(
         None, ge=1, description="Context limit in tokens [default: from the model]"
     )
@@ -107,6 +112,7 @@ class ServeSettings(BaseModel):
             dtype=self.dtype,
             quantization=self.quantization,
             quantization_group_size=self.quantization_group_size,
+            activation_precision=self.activation_precision,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             kv_cache_memory=self.kv_cache_memory,

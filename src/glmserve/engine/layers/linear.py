@@ -16,21 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmserve.engine.layers.quant import Int4Weight, Int8Weight, QuantWeight
-from glmserve.engine.layers.quant_kernels import (
-    DequantInt4,
-    DequantInt8,
-    PackedInt4,
-    PackedInt4Cuda,
-    PackedInt8,
-    PackedInt8Blocks,
-    kernel_for,
-)
+from glmserve.engine.layers.quant_kernels import Kernel, kernel_for
 
-# The CPU int4/int8 kernels are weight-bound GEMVs: they beat bf16 GEMM for a few rows (decode of
-# 1-4 sequences) and lose by 16 rows, where bf16 reuses each weight across rows; CUDA's tinygemm
-# likewise grows about linearly with rows. So a layer that also holds its dense weight uses it for
-# bigger steps (figures: docs/engine.md, "Kernels per step size").
+# PyTorch's CPU int4/int8 kernels are weight-bound GEMVs: they beat bf16 GEMM for a few rows
+# (decode of 1-4 sequences) and lose by 16 rows, where bf16 reuses each weight across rows; CUDA's
+# tinygemm likewise grows about linearly with rows. So a layer that also holds its dense weight uses
+# it for bigger steps (figures: docs/engine.md, "Kernels per step size"). The native kernels say
+# their own limit (`max_rows`).
 MAX_INT4_ROWS = 4
+
+
+def max_fused_rows(packed) -> int:
+    """Rows up to which a quantized form beats a dense copy of the weight."""
+    return getattr(packed, "max_rows", MAX_INT4_ROWS)
 
 # oneDNN reorders a plain bf16 weight into its blocked layout on every F.linear call; reordered once
 # at load (`_reorder_linear_weight`, as inductor's weight prepacking does), the same GEMM is
@@ -66,17 +64,18 @@ class Linear(nn.Module):
         self.output_sizes = [out_features]
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed: PackedInt4 | PackedInt8 | PackedInt8Blocks | PackedInt4Cuda | DequantInt4 | DequantInt8 | None = None
+        self.packed = None  # the quantized weight in the form its kernel reads (quant_kernels.Kernel)
         self.prepacked: torch.Tensor | None = None  # CPU bf16: the dense weight in oneDNN's layout
         # Set by the loader before weights arrive:
         self.quantization: str | None = None  # "int8" | "int4": quantize float weights as they load
         self.group_size = 64  # int4 group size for quantize-on-load
         self.keep_dense_copy = False  # also keep the float weight for many-row steps (small models)
+        self.int8_activations = True  # EngineConfig.activation_precision == "int8"
         self._pending: dict[int, torch.Tensor | QuantWeight] = {}  # weight shards not yet stored
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         has_dense = self.weight is not None or self.prepacked is not None
-        if self.packed is not None and (not has_dense or x.shape[0] <= MAX_INT4_ROWS):
+        if self.packed is not None and (not has_dense or x.shape[0] <= max_fused_rows(self.packed)):
             out = self.packed.matmul(x)
             return out if self.bias is None else out + self.bias
         if self.prepacked is not None:
@@ -114,7 +113,7 @@ class Linear(nn.Module):
             self._prepack()
             return
         merged = merged.to(self.weight.device)
-        kernel = kernel_for(merged, self.weight.device, self.weight.dtype)
+        kernel: Kernel | None = kernel_for(merged, self.weight.device, self.weight.dtype, self.int8_activations)
         if kernel is None:  # Q8_0 blocks where no kernel reads them
             self.weight.data.copy_(merged.dequantize())
             self._prepack()

@@ -42,7 +42,9 @@ class Int4Weight:
 
     @staticmethod
     def quantize(weight: torch.Tensor, group_size: int) -> Int4Weight:
-        """Asymmetric min/max rounding per group of `group_size` input columns."""
+        """Asymmetric min/max rounding per group of `group_size` input columns. Scale and minimum
+        are rounded to float16 first (q is then rounded against them), so the native kernels
+        store them in two bytes each, exactly, as GGUF's Q4_1 does."""
         n, k = weight.shape
         if k % group_size:
             raise ValueError(f"in_features {k} is not a multiple of the int4 group size {group_size}")
@@ -51,8 +53,8 @@ class Int4Weight:
         minimum = torch.empty_like(scale)
         for rows in row_chunks(n, k):
             groups = weight[rows].to(torch.float32, copy=True).view(-1, k // group_size, group_size)
-            low, high = groups.amin(-1), groups.amax(-1)
-            step = ((high - low) / 15).clamp_(min=1e-8)
+            low = groups.amin(-1).half().float()
+            step = ((groups.amax(-1) - low) / 15).clamp_(min=2**-24).half().float()  # float16 subnormals are exact too
             groups.sub_(low[..., None]).div_(step[..., None]).round_().clamp_(0, 15)
             q[rows], scale[rows], minimum[rows] = groups.view(-1, k), step, low
         return Int4Weight(q, scale, minimum, group_size)

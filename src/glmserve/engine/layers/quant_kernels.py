@@ -1,6 +1,10 @@
 """The matmul each device runs a weight-only int4 / int8 weight (layers/quant.py) with.
 
 `select_kernel` picks the form a layer is stored in, for the loader and the memory estimate alike:
+- CPU, any float activations, with 8-bit activations allowed (the default; `--activation-precision
+  float` keeps the forms below): glmserve's native kernels (kernels/native_linear.py, NativeInt4 /
+  NativeInt8 for int4, int8 and Q8_0), which quantize activations per block of 32 to int8 and
+  multiply in integers, as llama.cpp does. Where they cannot be built, the forms below.
 - CPU, bf16 activations: `aten._weight_int4pack_mm_for_cpu` / `aten._weight_int8pack_mm`
   (PackedInt4 / PackedInt8). For one token they read ~4x / 2x fewer bytes than bf16, and are
   several times faster than bf16 for one row (figures: docs/engine.md). Both compute
@@ -25,6 +29,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from glmserve.engine.kernels import native
+from glmserve.engine.kernels.native_linear import NativeInt4, NativeInt8
 from glmserve.engine.layers.quant import (
     QUANTIZE_CHUNK,
     Int4Weight,
@@ -212,16 +218,24 @@ class DequantInt8:
 
 Kernel = (
     type[PackedInt4] | type[PackedInt8] | type[PackedInt8Blocks] | type[PackedInt4Cuda] | type[DequantInt4] | type[DequantInt8]
+    | type[NativeInt4] | type[NativeInt8]
 )
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)  # the only ones int4mm.cu instantiates
 
 
 def select_kernel(
-    scheme: str, shape: tuple[int, int], device: torch.device, dtype: torch.dtype, group_size: int = 0
+    scheme: str,
+    shape: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    group_size: int = 0,
+    int8_activations: bool = True,
 ) -> Kernel | None:
     """The stored form of an [N, K] "int8", "int4" or "q8_0" weight running with `dtype` activations
     on `device`; None for Q8_0 blocks without a kernel (stored dense)."""
     n, k = shape
+    if int8_activations and device.type == "cpu" and k % 32 == 0 and group_size % 32 == 0 and native.load():
+        return NativeInt4 if scheme == "int4" else NativeInt8
     is_cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
     if scheme == "q8_0":
         return PackedInt8Blocks if is_cpu_bf16 and n % 16 == 0 and k % group_size == 0 else None
@@ -247,9 +261,10 @@ def has_tinygemm(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def kernel_for(weight: QuantWeight, device: torch.device, dtype: torch.dtype) -> Kernel | None:
-    if isinstance(weight, Int8Weight):
-        return select_kernel("int8", weight.shape, device, dtype)
-    if isinstance(weight, Int8BlockWeight):
-        return select_kernel("q8_0", weight.shape, device, dtype, weight.group_size)
-    return select_kernel("int4", weight.shape, device, dtype, weight.group_size)
+def kernel_for(
+    weight: QuantWeight, device: torch.device, dtype: torch.dtype, int8_activations: bool = True
+) -> Kernel | None:
+    if isinstance(weight, Int8Weight):  # per channel: one group of all columns
+        return select_kernel("int8", weight.shape, device, dtype, weight.shape[1], int8_activations)
+    scheme = "q8_0" if isinstance(weight, Int8BlockWeight) else "int4"
+    return select_kernel(scheme, weight.shape, device, dtype, weight.group_size, int8_activations)

@@ -13,7 +13,7 @@ from torch import nn
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
 from glmserve.engine.layers.embedding import token_embedding
-from glmserve.engine.layers.linear import MAX_INT4_ROWS, Linear, MergedLinear, prepack, prepacked_linear
+from glmserve.engine.layers.linear import Linear, MergedLinear, max_fused_rows, prepack, prepacked_linear
 from glmserve.engine.layers.norm import RMSNorm
 from glmserve.engine.layers.quant import QuantWeight
 from glmserve.engine.layers.quant_kernels import kernel_for
@@ -94,6 +94,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.tied_embedding = "model.embed_tokens.weight" if config.tie_word_embeddings else None
         self.quantized_output = None  # a tied output layer kept as the file stores the embedding
+        self.int8_activations = True  # set by the runner: EngineConfig.activation_precision
         self.prepacked_output: torch.Tensor | None = None  # a tied output layer in oneDNN's layout
 
     def prepack_tied_output(self) -> None:
@@ -110,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
         docs/engine.md). So few-row steps also keep the file's form where a fused kernel reads
         it, as llama.cpp does."""
         embedding = self.model.embed_tokens.weight
-        kernel = kernel_for(weight, embedding.device, embedding.dtype)
+        kernel = kernel_for(weight, embedding.device, embedding.dtype, self.int8_activations)
         if kernel is not None and kernel.is_fused:
             self.quantized_output = kernel.from_weight(weight.to(embedding.device), embedding.dtype)
 
@@ -127,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
         if self.lm_head is None:  # tied to the embedding
-            if self.quantized_output is not None and hidden.shape[0] <= MAX_INT4_ROWS:
+            if self.quantized_output is not None and hidden.shape[0] <= max_fused_rows(self.quantized_output):
                 return self.quantized_output.matmul(hidden).float()
             if self.prepacked_output is not None:
                 return prepacked_linear(hidden, self.prepacked_output, None).float()
