@@ -1,11 +1,14 @@
-"""ChatGLM3-6B shape, random weights: glmserve bf16 / int8 / int4 vs transformers bf16 on the same weights.
+"""ChatGLM3-6B shape, random weights: glmserve bf16 / int8 / int4 (8-bit activations, the default, and
+float activations) vs transformers bf16 on the same weights, and glmserve vs llama.cpp on the same
+weights written as llama.cpp's chatglm GGUF in Q4_0 and Q8_0.
 
     .venv/bin/python benchmarks/glm_shape.py [--dir /tmp/glmserve-bench/chatglm3-6b] [--num-layers 28]
         [--prompt-tokens 256] [--new-tokens 32] [--runs 3] [--only glmserve-int4 ...]
 
 Writes (or reuses) a random checkpoint of the real ChatGLM3-6B config in THUDM's layout
-(safetensors shards, bf16, ~12.5 GB at full size; --num-layers scales it down), then measures each
-configuration in its own subprocess, never two models in memory at once:
+(safetensors shards, bf16, ~12.5 GB at full size; --num-layers scales it down) and its Q4_0 and
+Q8_0 GGUF files (devtools/chatglm_gguf.py, as llama.cpp's converter writes them), then measures
+each configuration in its own subprocess, never two models in memory at once:
 - prefill tok/s: one prompt of --prompt-tokens, to the first token (prefix caching off);
 - decode tok/s: --new-tokens single-stream greedy steps after the first token;
 - peak RSS while loading, RSS in steady state (after the runs) and peak RSS overall, and load time;
@@ -14,15 +17,15 @@ configuration in its own subprocess, never two models in memory at once:
   (measured here: a sum over a 2 GiB buffer, all threads) gives the tok/s a step could reach if
   it only streamed the weights; the table shows the measured decode as a fraction of that.
 The transformers model is built on the meta device and takes the same tensors (q/k/v split from
-query_key_value, dense_h_to_4h as gate_up_proj). Prints one table and writes
-benchmarks/results/glm_shape.json. Run it on an otherwise idle machine.
+query_key_value, dense_h_to_4h as gate_up_proj). llama.cpp is llama-cpp-python (a source build; skipped
+when absent) with 2 threads on the GGUF files, which glmserve loads too (their blocks kept exactly).
+Prints one table and writes benchmarks/results/glm_shape.json. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ import torch
 from common import median_of, print_table, save_json
 
 from glmserve import LLM, SamplingParams
+from glmserve.devtools.chatglm_gguf import write_chatglm_gguf
 from glmserve.devtools.glm_layout import glm_config, to_glm_layout
 from glmserve.devtools.random_checkpoint import (
     CheckpointSpec,
@@ -64,13 +68,32 @@ def ensure_checkpoint(folder: Path, num_layers: int | None) -> dict:
     return spec
 
 
+def ensure_gguf(folder: Path, qtype: str) -> Path:
+    """The checkpoint as a chatglm GGUF of `qtype` (Q4_0, Q8_0): every 2-D weight in that type."""
+    from gguf import GGMLQuantizationType
+
+    path = folder / f"chatglm3-{qtype.lower()}.gguf"
+    stamp = path.with_suffix(".json")
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    if not (path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == spec):
+        print(f"writing {path.name} ...", flush=True)
+        start = time.perf_counter()
+        write_chatglm_gguf(path, folder, GGMLQuantizationType[qtype])
+        stamp.write_text(json.dumps(spec))
+        print(f"written in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
 def prompt_ids(n: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return [64790, 64792] + torch.randint(100, 60000, (n - 2,), generator=generator).tolist()
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's peak RSS (VmHWM: unlike getrusage's ru_maxrss, not inherited from the parent)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
 
 
 def current_rss_gib() -> float:
@@ -115,10 +138,15 @@ def decode_weight_bytes(model: torch.nn.Module, embedding: torch.nn.Module) -> i
 # ---------------------------------------------------------------- workers (one per process)
 
 
-def run_glmserve(folder: Path, n_prompt: int, n_new: int, runs: int, quantization: str) -> dict:
+def run_glmserve(
+    folder: Path, n_prompt: int, n_new: int, runs: int, quantization: str | None, precision: str = "int8",
+    gguf: str | None = None,
+) -> dict:
     start = time.perf_counter()
-    llm = LLM(folder, dtype="bfloat16", quantization=quantization, kv_cache_memory=256 * 2**20,
-              max_model_len=n_prompt + n_new + 16, enable_prefix_caching=False)  # fmt: skip
+    model_path = ensure_gguf(folder, gguf) if gguf else folder
+    llm = LLM(model_path, dtype="bfloat16", quantization=quantization, kv_cache_memory=256 * 2**20,
+              max_model_len=n_prompt + n_new + 16, enable_prefix_caching=False,
+              activation_precision=precision)  # fmt: skip
     load_s = time.perf_counter() - start
     load_peak = peak_rss_gib()
     model = llm.engine.runner.model
@@ -202,12 +230,76 @@ def run_transformers(folder: Path, n_prompt: int, n_new: int, runs: int) -> dict
     }
 
 
+def run_llama_cpp(folder: Path, n_prompt: int, n_new: int, runs: int, gguf: str) -> dict:
+    """llama.cpp (llama-cpp-python), 2 threads, greedy, on the same GGUF file."""
+    from llama_cpp import Llama
+
+    path = ensure_gguf(folder, gguf)
+    start = time.perf_counter()
+    model = Llama(str(path), n_threads=num_physical_cores(), n_threads_batch=num_physical_cores(),
+                  n_ctx=n_prompt + n_new + 16, n_batch=512, verbose=False)  # fmt: skip
+    load_s = time.perf_counter() - start
+    load_peak = peak_rss_gib()
+    seeds = iter(range(1, 1000))
+
+    def prefill() -> float:
+        model.reset()
+        start = time.perf_counter()
+        model.eval(prompt_ids(n_prompt, next(seeds)))
+        return n_prompt / (time.perf_counter() - start)
+
+    def decode() -> float:
+        times = []
+        for _ in model.generate(prompt_ids(n_prompt, next(seeds)), top_k=1, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == n_new + 1:
+                break
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    model.eval(prompt_ids(32, 0))  # warm-up
+    return {
+        "load_s": load_s,
+        "load_peak_rss_gib": load_peak,
+        "prefill_tok_s": median_of(runs, prefill),
+        "decode_tok_s": median_of(runs, decode),
+        "steady_rss_gib": current_rss_gib(),
+        "decode_weight_bytes": gguf_weight_bytes(path),
+    }
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes one decode step reads from a GGUF's tensors: all of them, the embedding by one row."""
+    from glmserve.gguf_file import open_gguf_file
+
+    total = 0
+    for tensor in open_gguf_file(path).tensors:
+        rows = int(tensor.shape[-1]) if len(tensor.shape) == 2 else 1  # GGUF lists dims innermost first
+        total += int(tensor.n_bytes) // rows if tensor.name == "token_embd.weight" else int(tensor.n_bytes)
+    return total
+
+
 WORKERS = {
     "glmserve-bf16": lambda *args: run_glmserve(*args, quantization="none"),
     "glmserve-int8": lambda *args: run_glmserve(*args, quantization="int8"),
+    "glmserve-int8-float": lambda *args: run_glmserve(*args, quantization="int8", precision="float"),
     "glmserve-int4": lambda *args: run_glmserve(*args, quantization="int4"),
+    "glmserve-int4-float": lambda *args: run_glmserve(*args, quantization="int4", precision="float"),
     "transformers-bf16": run_transformers,
+    "glmserve-q4_0": lambda *args: run_glmserve(*args, quantization=None, gguf="Q4_0"),
+    "llama.cpp-q4_0": lambda *args: run_llama_cpp(*args, gguf="Q4_0"),
+    "glmserve-q8_0": lambda *args: run_glmserve(*args, quantization=None, gguf="Q8_0"),
+    "llama.cpp-q8_0": lambda *args: run_llama_cpp(*args, gguf="Q8_0"),
 }
+GGUF_TYPES = {"q4_0": "Q4_0", "q8_0": "Q8_0"}  # worker suffix -> the file it reads
+
+
+def has_llama_cpp() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: skipped, llama_cpp is not importable (pip install llama-cpp-python, a source build)")
+        return False
+    return True
 
 
 def run_worker(name: str, args: argparse.Namespace) -> dict:
@@ -221,6 +313,9 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
 
 def report(args: argparse.Namespace, spec: dict, bandwidth_gbs: float, results: dict[str, dict]) -> None:
     base = results.get("glmserve-bf16")
+    for name, r in results.items():
+        peer = results.get(name.replace("glmserve-", "llama.cpp-")) if name.startswith("glmserve-q") else None
+        r["vs_llama_cpp"] = f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer else "-"
     for r in results.values():
         r["bandwidth_limit_tok_s"] = bandwidth_gbs * 1e9 / r["decode_weight_bytes"]
         r["decode_fraction_of_limit"] = r["decode_tok_s"] / r["bandwidth_limit_tok_s"]
@@ -229,6 +324,7 @@ def report(args: argparse.Namespace, spec: dict, bandwidth_gbs: float, results: 
         ("prefill (tok/s)", "prefill_tok_s", "{:.1f}"),
         ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
         ("decode vs glmserve bf16", None, "{:.2f}x"),
+        ("decode vs llama.cpp, same GGUF", "vs_llama_cpp", "{}"),
         ("weights read per token (GB)", "decode_weight_bytes", "{:.2f}"),
         ("decode at bandwidth limit (tok/s)", "bandwidth_limit_tok_s", "{:.2f}"),
         ("decode / limit", "decode_fraction_of_limit", "{:.0%}"),
@@ -281,9 +377,13 @@ def main() -> None:
         print(json.dumps({**result, "peak_rss_gib": peak_rss_gib()}))
         return
     spec = ensure_checkpoint(args.dir, args.num_layers)
+    names = [n for n in args.only or WORKERS if not (n.startswith("llama.cpp") and not has_llama_cpp())]
+    for suffix, qtype in GGUF_TYPES.items():
+        if any(n.endswith(suffix) for n in names):
+            ensure_gguf(args.dir, qtype)  # before any worker: writing it is no one's load time
     bandwidth = read_bandwidth_gbs()
     results = {}
-    for name in args.only or WORKERS:
+    for name in names:
         print(f"running {name} ...", flush=True)
         results[name] = run_worker(name, args)
     report(args, spec, bandwidth, results)

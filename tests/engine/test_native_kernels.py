@@ -14,7 +14,7 @@ import torch
 from glm_checkpoints import write_tiny_checkpoint
 
 from glmserve import LLM, SamplingParams
-from glmserve.engine.kernels import native
+from glmserve.engine.kernels import native, native_linear
 from glmserve.engine.kernels.native_linear import NativeInt4, NativeInt8, gguf_nibbles
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight, Int8Weight
@@ -114,11 +114,15 @@ def test_gguf_block_order_and_exact_dequantization():
     torch.testing.assert_close(out.double(), weight.dequantize().double(), rtol=1e-6, atol=1e-7)
 
 
-def test_many_rows_run_a_dense_gemm_on_dequantized_slices():
+def test_many_rows_run_a_dense_gemm_on_dequantized_slices(monkeypatch):
+    monkeypatch.setattr(native_linear, "SLICE_BYTES", 64 * 128 * 4)  # 64 rows per slice: 5 slices
     weight = Int8Weight.quantize(torch.randn(300, 128))
     packed = NativeInt8.from_weight(weight, torch.float32)
-    x = torch.randn(20, 128)  # > max_rows
+    x = torch.randn(native_linear.FUSED_ROWS + 1, 128)
     torch.testing.assert_close(packed.matmul(x), x @ weight.dequantize().T, rtol=1e-4, atol=1e-4)
+    few = x[: native_linear.FUSED_ROWS]  # 8 rows at a time through the fused kernel
+    torch.testing.assert_close(packed.matmul(few).double(), quantized_activations(few) @ weight.dequantize().double().T,
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
@@ -163,8 +167,9 @@ def prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
 def prompts_on_int8_kernels(monkeypatch):
     """Prompts run on the int8 kernels too (else they take the dense GEMM), so prompt logprobs
     measure what a decode step computes."""
-    monkeypatch.setattr(NativeInt4, "max_rows", 10**9)
+    monkeypatch.setattr(NativeInt4, "max_rows", 10**9)  # not the dense copy (small models)
     monkeypatch.setattr(NativeInt8, "max_rows", 10**9)
+    monkeypatch.setattr(native_linear, "FUSED_ROWS", 10**9)  # not dequantized slices
 
 
 @pytest.mark.parametrize(("dtype", "mean_bound", "max_bound"), [("float32", 0.15, 0.75), ("bfloat16", 0.2, 1.0)])

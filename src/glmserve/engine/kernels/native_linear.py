@@ -2,9 +2,11 @@
 weights times activations quantized to int8 per block of 32, as llama.cpp computes.
 
 Few-row steps (decodes) run the fused kernel, which streams each weight once for up to 8 rows at
-a time. Steps with more rows than `max_rows` dequantize the weight a slice of rows at a time into
-the activation dtype and run a dense GEMM (oneDNN: AMX or AVX-512 BF16 where the CPU has them),
-which beats re-streaming the weight for every 8 rows; the slices keep that buffer bounded.
+a time. A layer that also keeps a dense copy (small models) hands steps of more than `max_rows`
+rows to it; without one, steps of up to FUSED_ROWS run the fused kernel 8 rows at a time, and
+longer ones (prompts) dequantize the weight a slice of rows at a time into the activation dtype
+for a dense GEMM (oneDNN: AMX or AVX-512 BF16 where the CPU has them), which beats re-streaming
+the weight for every 8 rows there; the slices keep that buffer bounded.
 
 The stored forms are exact: GGUF Q4_0 / Q4_1 blocks keep their bytes (our nibble order is
 GGUF's) and float16 scales; scales that float16 cannot hold exactly (Q4_K's products) stay float32.
@@ -18,11 +20,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from glmserve.engine.kernels import native
 from glmserve.engine.layers.quant import Int4Weight, Int8BlockWeight, Int8Weight, row_chunks
 
-# Rows up to which the fused kernel runs; past it, dequantized slices and a dense GEMM (measured:
-# docs/engine.md, "Native kernels").
+# Rows up to which the fused kernel beats a dense copy of the weight, and (no dense copy) up to
+# which it beats dequantizing slices for a dense GEMM (measured: docs/engine.md, "Native kernels").
 MAX_FUSED_ROWS = 8
+FUSED_ROWS = 64
 SLICE_BYTES = 64 * 2**20  # the dequantized slice of a many-row step
 
 
@@ -80,6 +84,8 @@ class NativeInt4:
     @staticmethod
     def from_weight(weight: Int4Weight, dtype: torch.dtype) -> NativeInt4:
         """K % 128 != 0 implies a group size of 32 or 64, which divides the padded K."""
+        if not native.load():
+            raise RuntimeError("the native CPU kernels are not available here")
         n, k = weight.shape
         padded_k = -(-k // INT4_ALIGN) * INT4_ALIGN
         num_groups = padded_k // weight.group_size
@@ -95,7 +101,7 @@ class NativeInt4:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] in x's dtype."""
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > self.max_rows:
+        if flat.shape[0] > FUSED_ROWS:
             out = _dequantized_linear(flat, self, self.out_features)
         else:
             out = torch.ops.glmserve.int4_linear(flat, self.nibbles, self.scales, self.mins, self.group_size)
@@ -117,6 +123,8 @@ class NativeInt8:
 
     @staticmethod
     def from_weight(weight: Int8Weight | Int8BlockWeight, dtype: torch.dtype) -> NativeInt8:
+        if not native.load():
+            raise RuntimeError("the native CPU kernels are not available here")
         if isinstance(weight, Int8BlockWeight):
             return NativeInt8(weight.q.contiguous(), exact_half(weight.scale), weight.group_size)
         return NativeInt8(weight.q.contiguous(), weight.scale.float().view(-1, 1), weight.q.shape[1])
@@ -127,7 +135,7 @@ class NativeInt8:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > self.max_rows:
+        if flat.shape[0] > FUSED_ROWS:
             out = _dequantized_linear(flat, self, self.out_features)
         else:
             out = torch.ops.glmserve.int8_linear(flat, self.q, self.scales, self.group_size)

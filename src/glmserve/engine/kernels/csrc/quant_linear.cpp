@@ -521,12 +521,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return linear<false>(x, q, scales, c10::nullopt, group_size, isa);
 }
 
-static void store_row(const float* row, int64_t k, at::Tensor& out, int64_t i) {
+static void store_row(const float* row, int64_t k, at::Tensor& out, int64_t i, int64_t isa) {
   switch (out.scalar_type()) {
     case at::kFloat: std::memcpy(out.data_ptr<float>() + i * k, row, k * sizeof(float)); break;
     case at::kBFloat16: {
       c10::BFloat16* dst = out.data_ptr<c10::BFloat16>() + i * k;
-      for (int64_t c = 0; c < k; ++c) dst[c] = c10::BFloat16(row[c]);
+      if (isa >= kAvx2) {
+        avx2::to_bf16_row(row, k, reinterpret_cast<uint16_t*>(dst));
+      } else {
+        for (int64_t c = 0; c < k; ++c) dst[c] = c10::BFloat16(row[c]);
+      }
       break;
     }
     case at::kHalf: {
@@ -559,7 +563,7 @@ void int4_dequantize(const at::Tensor& nibbles, const at::Tensor& scales, const 
       expand_on(isa, src, row0 + i, rs, false);
       const uint8_t* w = nibbles.data_ptr<uint8_t>() + (row0 + i) * (kw / 2);
       if (isa >= kAvx2) avx2::int4_dequantize_row(w, rs, kw, row.data()); else ref::int4_dequantize_row(w, rs, kw, row.data());
-      store_row(row.data(), k, out, i);
+      store_row(row.data(), k, out, i, isa);
     }
   });
 }
@@ -577,7 +581,7 @@ void int8_dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t grou
       expand_on(isa, src, row0 + i, rs, false);
       const int8_t* w = q.data_ptr<int8_t>() + (row0 + i) * k;
       for (int64_t c = 0; c < k; ++c) row[c] = w[c] * rs.scale[c / kBlock];
-      store_row(row.data(), k, out, i);
+      store_row(row.data(), k, out, i, isa);
     }
   });
 }
