@@ -6,8 +6,10 @@ Measures single-stream decode tok/s (after the first token) and the throughput o
 in one call (generated tokens / wall time, prefill included). Peers in the same run:
 transformers `generate` (same dtype, weights dequantized from the GGUF) and, when llama_cpp is
 importable (`pip install llama-cpp-python`, a source build), llama.cpp on the same GGUF with 2
-threads, single stream (its Python API has no batched generate). Prints a table with ratios and
-writes benchmarks/results/offline.json. Run it on an otherwise idle machine.
+threads: single stream through `Llama.generate`, and the 16 prompts as 16 parallel sequences of one
+context through llama.cpp's batch API (`llama_batch` with one seq_id per prompt, every step one
+`llama_decode` of all live sequences, greedy), as its `batched` example does. Prints a table with
+ratios and writes benchmarks/results/offline.json. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -109,6 +111,57 @@ def llama_cpp_single(prompt: list[int], new_tokens: int, runs: int) -> float | N
     return median_of(runs, once)
 
 
+def llama_cpp_batch(prompts: list[list[int]], new_tokens: int, runs: int) -> float | None:
+    """llama.cpp, the prompts as parallel sequences of one context: generated tok/s, prefill included."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    model = Llama(str(find_bundled_model()), n_threads=2, n_threads_batch=2, n_ctx=512, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = len(prompts) * (max(map(len, prompts)) + new_tokens + 16)
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max, params.n_threads, params.n_threads_batch = len(prompts), 2, 2
+    ctx = llama_cpp.llama_init_from_model(model._model.model, params)
+    batch = llama_cpp.llama_batch_init(512, 0, len(prompts))
+    n_vocab = model.n_vocab()
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """(token, position, seq_id, wants logits) in chunks of 512; the argmax of each wanted row."""
+        picks = []
+        for start in range(0, len(entries), 512):
+            chunk = entries[start : start + 512]
+            batch.n_tokens = len(chunk)
+            for i, (token, pos, seq, logits) in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+                batch.seq_id[i][0] = seq
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            for i, (_, _, _, logits) in enumerate(chunk):
+                if logits:
+                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+                    picks.append(int(row.argmax()))
+        return picks
+
+    def once() -> float:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        start = time.perf_counter()
+        entries = [(t, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+        tokens = decode(entries)
+        for step in range(new_tokens - 1):
+            tokens = decode([(t, len(p) + step, s, True) for s, (t, p) in enumerate(zip(tokens, prompts, strict=True))])
+        return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+    try:
+        once()  # warm-up
+        return median_of(runs, once)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+
+
 def load_transformers(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -146,7 +199,7 @@ def main() -> None:
 
     peer = measure_transformers(args.dtype, prompts, n, runs)
     gc.collect()
-    llama_cpp = {"single": llama_cpp_single(prompts[0], n, runs)}
+    llama_cpp = {"single": llama_cpp_single(prompts[0], n, runs), "batch16": llama_cpp_batch(prompts, n, runs)}
 
     def ratio(ours_value: float, peer_value: float | None) -> str:
         return f"{ours_value / peer_value:.2f}x" if peer_value else "-"
@@ -158,7 +211,7 @@ def main() -> None:
         ["single-stream decode (tok/s)", f"{ours['single']:.1f}", f"{peer['single']:.1f}", ratio(ours["single"], peer["single"]),
          value(llama_cpp["single"]), ratio(ours["single"], llama_cpp["single"])],
         ["16 prompts, one call (tok/s)", f"{ours['batch16']:.1f}", f"{peer['batch16']:.1f}", ratio(ours["batch16"], peer["batch16"]),
-         value(None), "-"],
+         value(llama_cpp["batch16"]), ratio(ours["batch16"], llama_cpp["batch16"])],
     ]  # fmt: skip
     print_table(
         f"Offline generation, SmolLM2-135M-Instruct, {args.dtype}, {n} new tokens, median of {runs}",

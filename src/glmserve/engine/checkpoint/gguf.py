@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as QType
 from glmserve.config import ModelConfig
 from glmserve.engine.checkpoint.gguf_quant import KEPT_TYPES, read_quantized
 from glmserve.engine.layers.quant import QuantWeight
-from glmserve.gguf_file import GGUFFile, GGUFTensor, is_gguf_file, open_gguf_file
+from glmserve.gguf_file import GGUFFile, GGUFTensor, forget_gguf_files, is_gguf_file, open_gguf_file
 
 __all__ = ["GGUFCheckpoint", "is_gguf_file", "open_gguf", "read_gguf_metadata"]
 
@@ -129,6 +129,8 @@ class GGUFCheckpoint:
             if num_heads is not None:
                 weights = _unpermute(weights, num_heads)
             yield self.names.hf_name(tensor.name), weights
+            tensor.release_pages()  # copied by now (a view still reads correctly: it faults back)
+        forget_gguf_files()  # all read: no cached header keeps the file mapped past this checkpoint
 
     def _permuted_heads(self, gguf_name: str) -> int | None:
         if not self.is_rope_permuted:

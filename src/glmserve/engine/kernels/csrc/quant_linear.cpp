@@ -40,9 +40,10 @@ constexpr int64_t kBlock = 32;  // activation block, and the unit of weight grou
 constexpr int64_t kInt4Align = 128;  // int4 rows are padded to this many columns
 constexpr int kMaxRows = 8;  // activation rows per pass over the weights
 // Weights are streamed once per step, mostly from beyond the caches: ask for them this far ahead
-// (rows of a layer are contiguous, so this runs ahead across rows too).
+// (rows of a layer are contiguous, so this runs ahead across rows too), into L2: requests into L1
+// would hold its few line-fill buffers and cap a core's reads below what memory delivers.
 #ifndef GLMSERVE_PREFETCH
-#define GLMSERVE_PREFETCH 4096
+#define GLMSERVE_PREFETCH 8192
 #endif
 constexpr int64_t kPrefetchBytes = GLMSERVE_PREFETCH;
 
@@ -73,13 +74,16 @@ struct ScaleSource {
   float min_from_scale;
 };
 
-// One output row's scale and min per block of 32 columns, in float32. One scale for the whole
-// row (per-channel int8) is kept as `uniform` instead.
+// One output row's scale and min per group of `gb` blocks of 32 columns, in float32 (block b's
+// are scale[b / gb]). One scale for the whole row (per-channel int8) is kept as `uniform`.
 struct RowScales {
   std::vector<float> scale, min;
+  int64_t gb = 1;
   bool is_uniform = false;
   float uniform = 0.0f;
   explicit RowScales(int64_t nb = 0) : scale(nb), min(nb) {}
+  float scale_of(int64_t b) const { return scale[b / gb]; }
+  float min_of(int64_t b) const { return min[b / gb]; }
 };
 
 static inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
@@ -91,17 +95,6 @@ static inline void expand_group(const ScaleSource& src, int64_t n, int64_t g, fl
     *min = src.min_from_scale * *scale;
   } else {
     *min = src.is_half ? half_to_float(static_cast<const uint16_t*>(src.min)[i]) : static_cast<const float*>(src.min)[i];
-  }
-}
-
-// Groups of G columns -> blocks of 32: group g's values fill blocks g*G/32 .. (g+1)*G/32 - 1.
-static void spread_groups(const ScaleSource& src, RowScales& rs) {
-  const int64_t gb = src.group_blocks;
-  if (gb == 1) return;
-  for (int64_t g = src.num_groups - 1; g >= 0; --g) {  // backwards: group g is read before overwritten
-    const float scale = rs.scale[g], min = rs.min[g];
-    std::fill_n(rs.scale.begin() + g * gb, gb, scale);
-    std::fill_n(rs.min.begin() + g * gb, gb, min);
   }
 }
 
@@ -170,7 +163,7 @@ static void int4_rows(const uint8_t* w, int64_t row_bytes, const RowScales* rs, 
       for (int64_t b = 0; b < a.nb; ++b) {
         int isum = 0;
         for (int64_t j = 0; j < kBlock; ++j) isum += int4_at(w + i * row_bytes, b * kBlock + j) * xq[b * kBlock + j];
-        acc += rs[i].scale[b] * a.d[r * a.nb + b] * isum + rs[i].min[b] * a.s[r * a.nb + b];
+        acc += rs[i].scale_of(b) * a.d[r * a.nb + b] * isum + rs[i].min_of(b) * a.s[r * a.nb + b];
       }
       out[i * R + r] = acc;
     }
@@ -186,7 +179,7 @@ static void int8_rows(const int8_t* w, int64_t row_bytes, const RowScales* rs, c
       for (int64_t b = 0; b < a.nb; ++b) {
         int isum = 0;
         for (int64_t j = 0; j < kBlock; ++j) isum += w[i * row_bytes + b * kBlock + j] * xq[b * kBlock + j];
-        acc += (rs[i].is_uniform ? rs[i].uniform : rs[i].scale[b]) * a.d[r * a.nb + b] * isum;
+        acc += (rs[i].is_uniform ? rs[i].uniform : rs[i].scale_of(b)) * a.d[r * a.nb + b] * isum;
       }
       out[i * R + r] = acc;
     }
@@ -194,7 +187,7 @@ static void int8_rows(const int8_t* w, int64_t row_bytes, const RowScales* rs, c
 }
 
 static void int4_dequantize_row(const uint8_t* w, const RowScales& rs, int64_t k, float* out) {
-  for (int64_t col = 0; col < k; ++col) out[col] = int4_at(w, col) * rs.scale[col / kBlock] + rs.min[col / kBlock];
+  for (int64_t col = 0; col < k; ++col) out[col] = int4_at(w, col) * rs.scale_of(col / kBlock) + rs.min_of(col / kBlock);
 }
 
 }  // namespace ref
@@ -255,6 +248,23 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// The values of blocks 4g..4g+3 (or 2g, 2g+1) from per-group values, gb blocks per group.
+static inline __m128 quad_of(const float* v, int64_t g, int64_t gb) {
+  if (gb == 1) return _mm_loadu_ps(v + 4 * g);
+  if (gb == 2) {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(v + 2 * g)));
+    return _mm_unpacklo_ps(two, two);
+  }
+  if (gb % 4 == 0) return _mm_set1_ps(v[4 * g / gb]);
+  return _mm_setr_ps(v[4 * g / gb], v[(4 * g + 1) / gb], v[(4 * g + 2) / gb], v[(4 * g + 3) / gb]);
+}
+
+static inline __m128 pair_of(const float* v, int64_t p, int64_t gb) {
+  if (gb == 1) return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(v + 2 * p)));
+  if (gb % 2 == 0) return _mm_set1_ps(v[2 * p / gb]);
+  return _mm_setr_ps(v[2 * p / gb], v[(2 * p + 1) / gb], 0.0f, 0.0f);
+}
+
 // NB output rows against R activation rows, four blocks (64 bytes of nibbles per row) at a time:
 // int32 lanes 4b..4b+3 gather block b's low and high nibbles. Kw is a multiple of 128.
 template <int R, int NB>
@@ -272,12 +282,12 @@ static void int4_rows(const uint8_t* w, int64_t row_bytes, const RowScales* rs, 
     __m512i lo[NB], hi[NB];
     __m128 ws[NB], wm[NB];
     for (int i = 0; i < NB; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + i * row_bytes + g * 64 + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + i * row_bytes + g * 64 + kPrefetchBytes), _MM_HINT_T1);
       const __m512i v = _mm512_loadu_si512(w + i * row_bytes + g * 64);
       lo[i] = _mm512_and_si512(v, low4);
       hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      ws[i] = _mm_loadu_ps(rs[i].scale.data() + 4 * g);
-      wm[i] = _mm_loadu_ps(rs[i].min.data() + 4 * g);
+      ws[i] = quad_of(rs[i].scale.data(), g, rs[i].gb);
+      wm[i] = quad_of(rs[i].min.data(), g, rs[i].gb);
     }
     for (int r = 0; r < R; ++r) {
       const int8_t* xq = a.q + r * a.k + g * 128;
@@ -326,12 +336,12 @@ static void int8_rows(const int8_t* w, int64_t row_bytes, const RowScales* rs, c
     __mmask64 negative[NB];
     __m128 ws[NB];
     for (int i = 0; i < NB; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + i * row_bytes + p * 64 + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + i * row_bytes + p * 64 + kPrefetchBytes), _MM_HINT_T1);
       const __m512i v = _mm512_loadu_si512(w + i * row_bytes + p * 64);
       u[i] = _mm512_abs_epi8(v);
       negative[i] = _mm512_movepi8_mask(v);
       ws[i] = rs[i].is_uniform ? _mm_set1_ps(1.0f)  // the row's one scale is applied at the end
-                               : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(rs[i].scale.data() + 2 * p)));
+                               : pair_of(rs[i].scale.data(), p, rs[i].gb);
     }
     for (int r = 0; r < R; ++r) {
       const __m512i x = _mm512_loadu_si512(a.q + r * a.k + p * 64);
@@ -349,7 +359,7 @@ static void int8_rows(const int8_t* w, int64_t row_bytes, const RowScales* rs, c
     for (int i = 0; i < NB; ++i) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * row_bytes + b * kBlock));
       const __m256i u = _mm256_abs_epi8(v);
-      const float ws = rs[i].is_uniform ? 1.0f : rs[i].scale[b];
+      const float ws = rs[i].is_uniform ? 1.0f : rs[i].scale_of(b);
       for (int r = 0; r < R; ++r) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * a.k + b * kBlock));
         const __m256 prod = _mm256_cvtepi32_ps(dot_u8s8(u, _mm256_sign_epi8(x, v)));
@@ -397,12 +407,12 @@ static void expand_on(int64_t isa, const ScaleSource& src, int64_t n, RowScales&
     rs.is_uniform = true;
     return;
   }
+  rs.gb = src.group_blocks;
   if (isa >= kAvx2) {
     avx2::expand_groups(src, n, rs.scale.data(), rs.min.data());
   } else {
     ref::expand_groups(src, n, rs.scale.data(), rs.min.data());
   }
-  spread_groups(src, rs);
 }
 
 // NB output rows against R (1..8) activation rows on the chosen ISA.
@@ -580,7 +590,7 @@ void int8_dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t grou
     for (int64_t i = begin; i < end; ++i) {
       expand_on(isa, src, row0 + i, rs, false);
       const int8_t* w = q.data_ptr<int8_t>() + (row0 + i) * k;
-      for (int64_t c = 0; c < k; ++c) row[c] = w[c] * rs.scale[c / kBlock];
+      for (int64_t c = 0; c < k; ++c) row[c] = w[c] * rs.scale_of(c / kBlock);
       store_row(row.data(), k, out, i, isa);
     }
   });
