@@ -110,11 +110,18 @@ static void to_float_row(const T* src, int64_t k, float* dst) {
 static void quantize_rows(const at::Tensor& x, int64_t kw, int64_t v, std::vector<int8_t>& q, std::vector<float>& d,
                           std::vector<float>& s) {
   const int64_t m = x.size(0), k = x.size(1), nb = kw / kBlock, nb_x = k / kBlock;
-  q.assign(m * kw, 0);
-  d.assign(m * nb, 0.0f);
-  s.assign(m * nb, 0.0f);
-  std::vector<float> row(k);
+  q.resize(m * kw);
+  d.resize(m * nb);
+  s.resize(m * nb);
+  static thread_local std::vector<float> row;
+  row.resize(k);
   for (int64_t r = 0; r < m; ++r) {
+    if (nb_x < nb) {  // the padding: zero activations (the chunk it shares with real blocks too)
+      const int64_t first = nb_x / v * v;
+      std::memset(q.data() + r * kw + first * kBlock, 0, (kw - first * kBlock));
+      std::fill(d.begin() + r * nb + nb_x, d.begin() + (r + 1) * nb, 0.0f);
+      std::fill(s.begin() + r * nb + nb_x, s.begin() + (r + 1) * nb, 0.0f);
+    }
     switch (x.scalar_type()) {
       case at::kFloat: to_float_row(x.data_ptr<float>() + r * k, k, row.data()); break;
       case at::kBFloat16: to_float_row(x.data_ptr<c10::BFloat16>() + r * k, k, row.data()); break;
@@ -407,6 +414,7 @@ static void expand_on(int64_t isa, const ScaleSource& src, int64_t n, RowScales&
     rs.is_uniform = true;
     return;
   }
+  rs.is_uniform = false;  // the buffers are reused across layers
   rs.gb = src.group_blocks;
   if (isa >= kAvx2) {
     avx2::expand_groups(src, n, rs.scale.data(), rs.min.data());
@@ -431,10 +439,25 @@ static void rows_on(int64_t isa, const void* w, int64_t row_bytes, const RowScal
   }
 }
 
+// Where results go: [M, N] in x's dtype.
+struct Out {
+  void* data;
+  at::ScalarType dtype;
+  int64_t n;
+  void put(int64_t row, int64_t col, float value) const {
+    const int64_t i = row * n + col;
+    switch (dtype) {
+      case at::kBFloat16: static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(value); break;
+      case at::kHalf: static_cast<c10::Half*>(data)[i] = c10::Half(value); break;
+      default: static_cast<float*>(data)[i] = value;
+    }
+  }
+};
+
 // Output rows [begin, end) against R activation rows: kOutRows<R> at a time, then one by one.
 template <bool kInt4, int R>
 static void output_rows(int64_t isa, const uint8_t* w, int64_t row_bytes, const ScaleSource& src, int64_t begin,
-                        int64_t end, const Acts& a, std::vector<RowScales>& rs, float* out /*[R][N]*/, int64_t n) {
+                        int64_t end, const Acts& a, std::vector<RowScales>& rs, const Out& out, int64_t r0) {
   constexpr int NB = kOutRows<R>;
   float part[NB * R];
   int64_t j = begin;
@@ -442,27 +465,28 @@ static void output_rows(int64_t isa, const uint8_t* w, int64_t row_bytes, const 
     for (int i = 0; i < NB; ++i) expand_on(isa, src, j + i, rs[i], !kInt4);
     rows_on<kInt4, R, NB>(isa, w + j * row_bytes, row_bytes, rs.data(), a, part);
     for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) out[r * n + j + i] = part[i * R + r];
+      for (int r = 0; r < R; ++r) out.put(r0 + r, j + i, part[i * R + r]);
   }
   for (; j < end; ++j) {
     expand_on(isa, src, j, rs[0], !kInt4);
     rows_on<kInt4, R, 1>(isa, w + j * row_bytes, row_bytes, rs.data(), a, part);
-    for (int r = 0; r < R; ++r) out[r * n + j] = part[r];
+    for (int r = 0; r < R; ++r) out.put(r0 + r, j, part[r]);
   }
 }
 
 template <bool kInt4>
 static void output_rows_for(int64_t rows, int64_t isa, const uint8_t* w, int64_t row_bytes, const ScaleSource& src,
-                            int64_t begin, int64_t end, const Acts& a, std::vector<RowScales>& rs, float* out, int64_t n) {
+                            int64_t begin, int64_t end, const Acts& a, std::vector<RowScales>& rs, const Out& out,
+                            int64_t r0) {
   switch (rows) {
-    case 1: output_rows<kInt4, 1>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
-    case 2: output_rows<kInt4, 2>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
-    case 3: output_rows<kInt4, 3>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
-    case 4: output_rows<kInt4, 4>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
-    case 5: output_rows<kInt4, 5>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
-    case 6: output_rows<kInt4, 6>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
-    case 7: output_rows<kInt4, 7>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
-    default: output_rows<kInt4, 8>(isa, w, row_bytes, src, begin, end, a, rs, out, n); break;
+    case 1: output_rows<kInt4, 1>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
+    case 2: output_rows<kInt4, 2>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
+    case 3: output_rows<kInt4, 3>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
+    case 4: output_rows<kInt4, 4>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
+    case 5: output_rows<kInt4, 5>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
+    case 6: output_rows<kInt4, 6>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
+    case 7: output_rows<kInt4, 7>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
+    default: output_rows<kInt4, 8>(isa, w, row_bytes, src, begin, end, a, rs, out, r0); break;
   }
 }
 
@@ -504,18 +528,21 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::
   const int8_t* xq_data = xq.data();
   const float* xd_data = xd.data();
   const float* xs_data = xs.data();
-  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
-  float* out_data = out.data_ptr<float>();
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "glmserve: x must be float32, bfloat16 or float16");
+  at::Tensor out = at::empty({m, n}, x.options());
+  const Out out_rows{out.data_ptr(), out.scalar_type(), n};
   const auto* w_data = static_cast<const uint8_t*>(w.data_ptr());
   at::parallel_for(0, n, grain_rows(row_bytes), [&](int64_t begin, int64_t end) {
-    std::vector<RowScales> rs(4, RowScales(nb));
+    thread_local std::vector<RowScales> rs;  // the workers live on: allocated once per thread
+    if (rs.size() < 4 || static_cast<int64_t>(rs[0].scale.size()) < nb) rs.assign(4, RowScales(nb));
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
       const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
       const Acts a{xq_data + r0 * kw, xd_data + r0 * nb, xs_data + r0 * nb, kw, nb};
-      output_rows_for<kInt4>(rows, isa, w_data, row_bytes, src, begin, end, a, rs, out_data + r0 * n, n);
+      output_rows_for<kInt4>(rows, isa, w_data, row_bytes, src, begin, end, a, rs, out_rows, r0);
     }
   });
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return out;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& scales,
