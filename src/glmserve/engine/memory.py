@@ -22,6 +22,7 @@ from glmserve.engine.checkpoint.gguf_quant import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.checkpoint.gguf_quant import INT4_TYPES
 from glmserve.engine.device import Placement
 from glmserve.engine.layers.linear import Linear, is_output_layer, prepacks
+from glmserve.engine.kernels.native_linear import NATIVE_KERNELS
 from glmserve.engine.layers.quant import quantized_bytes
 from glmserve.engine.layers.quant_kernels import select_kernel
 from glmserve.engine.models import model_class
@@ -97,8 +98,8 @@ class _WeightBytes:
     def add_quantized(self, scheme: str, shape: tuple[int, int], group_size: int, keep_dense: bool) -> None:
         """One linear weight [N, K], stored as Linear._store_weight stores it."""
         dense = shape[0] * shape[1] * self.dtype.itemsize
-        quantized = quantized_bytes(scheme, shape, group_size, self.dtype)
         kernel = select_kernel(scheme, shape, self.device, self.dtype, group_size, self.int8_activations)
+        quantized = quantized_bytes(scheme, shape, group_size, self.dtype, kernel in NATIVE_KERNELS)
         if kernel is None:  # Q8_0 blocks with no kernel: stored dense
             self.stored += dense
             return
@@ -133,7 +134,7 @@ def _gguf_weights_bytes(checkpoint, placement: Placement, keep_dense: bool, int8
         shape = (int(embedding.shape[1]), int(embedding.shape[0]))
         kernel = select_kernel(scheme, shape, device, dtype, GGUF_GROUP_SIZE, int8_activations)
         if kernel is not None and kernel.is_fused:
-            weights.stored += quantized_bytes(scheme, shape, GGUF_GROUP_SIZE, dtype)
+            weights.stored += quantized_bytes(scheme, shape, GGUF_GROUP_SIZE, dtype, kernel in NATIVE_KERNELS)
     return weights.total
 
 

@@ -30,22 +30,15 @@ FUSED_ROWS = 64
 SLICE_BYTES = 64 * 2**20  # the dequantized slice of a many-row step
 
 
-INT4_ALIGN = 128  # int4 rows are padded to this many columns (zero weights, scale 0)
-
-
-def gguf_nibbles(q: torch.Tensor, padded_k: int) -> torch.Tensor:
-    """[N, K] values 0..15 -> [N, padded_k / 2] uint8 in GGUF's block order: per 32 columns, byte j
-    holds column j in its low nibble and column 16 + j in its high one; zeros past K."""
+def gguf_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, K / 2] uint8 in GGUF's block order: per 32 columns, byte j holds
+    column j in its low nibble and column 16 + j in its high one."""
     n, k = q.shape
-    out = torch.zeros(n, padded_k // 2, dtype=torch.uint8, device=q.device)
+    out = torch.empty(n, k // 2, dtype=torch.uint8, device=q.device)
     for rows in row_chunks(n, k):
         blocks = q[rows].view(-1, k // 32, 2, 16)
-        out[rows, : k // 2] = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).view(-1, k // 2)
+        out[rows] = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).view(-1, k // 2)
     return out
-
-
-def _pad_columns(values: torch.Tensor, columns: int) -> torch.Tensor:
-    return F.pad(values, (0, columns - values.shape[1])) if values.shape[1] < columns else values
 
 
 def exact_half(values: torch.Tensor) -> torch.Tensor:
@@ -83,16 +76,12 @@ class NativeInt4:
 
     @staticmethod
     def from_weight(weight: Int4Weight, dtype: torch.dtype) -> NativeInt4:
-        """K % 128 != 0 implies a group size of 32 or 64, which divides the padded K."""
         if not native.load():
             raise RuntimeError("the native CPU kernels are not available here")
-        n, k = weight.shape
-        padded_k = -(-k // INT4_ALIGN) * INT4_ALIGN
-        num_groups = padded_k // weight.group_size
-        scales = _pad_columns(exact_half(weight.scale), num_groups)
+        scales = exact_half(weight.scale)
         is_symmetric = torch.equal(weight.minimum, -8 * weight.scale)
-        mins = None if is_symmetric else _pad_columns(exact_half(weight.minimum).to(scales.dtype), num_groups)
-        return NativeInt4(gguf_nibbles(weight.q, padded_k), scales, mins, weight.group_size, k)
+        mins = None if is_symmetric else exact_half(weight.minimum).to(scales.dtype)
+        return NativeInt4(gguf_nibbles(weight.q), scales, mins, weight.group_size, weight.shape[1])
 
     @property
     def out_features(self) -> int:
@@ -143,3 +132,6 @@ class NativeInt8:
 
     def dequantize_into(self, row0: int, out: torch.Tensor) -> None:
         torch.ops.glmserve.int8_dequantize(self.q, self.scales, self.group_size, row0, out)
+
+
+NATIVE_KERNELS = (NativeInt4, NativeInt8)

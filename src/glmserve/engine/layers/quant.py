@@ -163,16 +163,18 @@ def row_chunks(n: int, k: int) -> list[slice]:
     return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def quantized_bytes(scheme: str, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> int:
+def quantized_bytes(scheme: str, shape: tuple[int, int], group_size: int, dtype: torch.dtype, native: bool = False) -> int:
     """Bytes of one [N, K] weight in any of its stored forms (they hold the same data): int8 q plus
     one scale per row; or two nibbles per byte plus a scale and a zero per group, in `dtype`
-    (Q8_0 blocks as int4 over a doubled K)."""
+    (Q8_0 blocks as int4 over a doubled K). The native CPU kernels keep scales in float16 (exact:
+    GGUF's and our quantizer's scales are float16 values) and Q8_0 as int8 with a scale per block."""
     n, k = shape
+    scale_bytes = 2 if native else dtype.itemsize
     if scheme == "int8":
-        return n * k + n * dtype.itemsize
+        return n * k + n * 4 if native else n * k + n * dtype.itemsize
     if scheme == "q8_0":
-        return quantized_bytes("int4", (n, 2 * k), group_size, dtype)
-    return n * -(-k // 2) + 2 * n * (k // group_size) * dtype.itemsize
+        return n * k + n * (k // group_size) * 2 if native else quantized_bytes("int4", (n, 2 * k), group_size, dtype)
+    return n * -(-k // 2) + 2 * n * (k // group_size) * scale_bytes
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,10 @@
 // or plain C++), so the arithmetic of a 4-bit weight costs less than streaming it from memory.
 //
 // Weights (kernels/native_linear.py packs them):
-//   int4: nibbles uint8 [N, Kw/2] in GGUF's block order: 16 bytes per block of 32 columns, byte j
+//   int4: nibbles uint8 [N, K/2] in GGUF's block order: 16 bytes per block of 32 columns, byte j
 //         holding column j (low nibble) and column 16 + j (high nibble), so a Q4_0 / Q4_1 file's
-//         blocks are kept as they are. Kw is K rounded up to 128 (the padding has scale 0).
-//         w = q * scale + min per group of G columns (G a multiple of 32); scales / mins
-//         [N, Kw/G] float16 or float32; no mins: min = -8 * scale (Q4_0).
+//         blocks are kept as they are. w = q * scale + min per group of G columns (G a multiple
+//         of 32); scales / mins [N, K/G] float16 or float32; no mins: min = -8 * scale (Q4_0).
 //   int8: q int8 [N, K], w = q * scale per group of G columns (G = K: per output channel; 32: Q8_0).
 // Per block b of 32 columns:  sum w[k] x[k] ~= ws_b * d_b * sum q[k] xq[k] + wm_b * (d_b * sum xq[k]).
 //
@@ -37,7 +36,6 @@
 namespace glmserve {
 
 constexpr int64_t kBlock = 32;  // activation block, and the unit of weight groups
-constexpr int64_t kInt4Align = 128;  // int4 rows are padded to this many columns
 constexpr int kMaxRows = 8;  // activation rows per pass over the weights
 // Weights are streamed once per step, mostly from beyond the caches: ask for them this far ahead
 // (rows of a layer are contiguous, so this runs ahead across rows too), into L2: requests into L1
@@ -54,7 +52,7 @@ enum Isa : int64_t { kAuto = 0, kRef = 1, kAvx2 = 2, kAvxVnni = 3, kAvx512Vnni =
 template <int R>
 constexpr int kOutRows = R == 1 ? 4 : R == 2 ? 2 : 1;
 
-// Activations of up to kMaxRows rows, quantized per block of 32 (K padded like the weight).
+// Activations of up to kMaxRows rows, quantized per block of 32.
 struct Acts {
   const int8_t* q;  // [rows, K]
   const float* d;   // [rows, K/32]: block scale
@@ -105,23 +103,16 @@ static void to_float_row(const T* src, int64_t k, float* dst) {
   for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// x [M, K] -> int8 per block of 32 over Kw >= K columns (zeros past K), blocks interleaved `v` at
-// a time (see the top of this file).
-static void quantize_rows(const at::Tensor& x, int64_t kw, int64_t v, std::vector<int8_t>& q, std::vector<float>& d,
+// x [M, K] -> int8 per block of 32, blocks interleaved `v` at a time (see the top of this file).
+static void quantize_rows(const at::Tensor& x, int64_t v, std::vector<int8_t>& q, std::vector<float>& d,
                           std::vector<float>& s) {
-  const int64_t m = x.size(0), k = x.size(1), nb = kw / kBlock, nb_x = k / kBlock;
-  q.resize(m * kw);
+  const int64_t m = x.size(0), k = x.size(1), nb = k / kBlock;
+  q.resize(m * k);
   d.resize(m * nb);
   s.resize(m * nb);
   static thread_local std::vector<float> row;
   row.resize(k);
   for (int64_t r = 0; r < m; ++r) {
-    if (nb_x < nb) {  // the padding: zero activations (the chunk it shares with real blocks too)
-      const int64_t first = nb_x / v * v;
-      std::memset(q.data() + r * kw + first * kBlock, 0, (kw - first * kBlock));
-      std::fill(d.begin() + r * nb + nb_x, d.begin() + (r + 1) * nb, 0.0f);
-      std::fill(s.begin() + r * nb + nb_x, s.begin() + (r + 1) * nb, 0.0f);
-    }
     switch (x.scalar_type()) {
       case at::kFloat: to_float_row(x.data_ptr<float>() + r * k, k, row.data()); break;
       case at::kBFloat16: to_float_row(x.data_ptr<c10::BFloat16>() + r * k, k, row.data()); break;
@@ -129,13 +120,13 @@ static void quantize_rows(const at::Tensor& x, int64_t kw, int64_t v, std::vecto
       default: TORCH_CHECK(false, "glmserve: x must be float32, bfloat16 or float16");
     }
     const int64_t whole = nb / v * v;  // blocks in whole chunks of v; the rest in natural order
-    for (int64_t b = 0; b < nb_x; ++b) {
+    for (int64_t b = 0; b < nb; ++b) {
       const float* values = row.data() + b * kBlock;
       float amax = 0.0f;
       for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(values[i]));
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       const int64_t span = b < whole ? v : 1, first = b < whole ? b / v * v : b, i0 = b - first;
-      int8_t* chunk = q.data() + r * kw + first * kBlock;
+      int8_t* chunk = q.data() + r * k + first * kBlock;
       int sum = 0;
       for (int i = 0; i < kBlock; ++i) {
         const int value = static_cast<int>(std::nearbyint(values[i] * inv));
@@ -273,7 +264,8 @@ static inline __m128 pair_of(const float* v, int64_t p, int64_t gb) {
 }
 
 // NB output rows against R activation rows, four blocks (64 bytes of nibbles per row) at a time:
-// int32 lanes 4b..4b+3 gather block b's low and high nibbles. Kw is a multiple of 128.
+// int32 lanes 4b..4b+3 gather block b's low and high nibbles; the last K % 128 columns a block
+// at a time.
 template <int R, int NB>
 static void int4_rows(const uint8_t* w, int64_t row_bytes, const RowScales* rs, const Acts& a, float* out) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -305,6 +297,19 @@ static void int4_rows(const uint8_t* w, int64_t row_bytes, const RowScales* rs, 
         const __m512 scale = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_mul_ps(ws[i], d)));
         acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[i][r]);
         acc_min[i][r] = _mm_fmadd_ps(wm[i], s, acc_min[i][r]);
+      }
+    }
+  }
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t b = a.nb / 4 * 4; b < a.nb; ++b) {  // the last 1-3 blocks, activations in natural order
+    for (int i = 0; i < NB; ++i) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i * row_bytes + b * 16));
+      const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * a.k + b * kBlock));
+        const __m512 p = _mm512_zextps256_ps512(_mm256_cvtepi32_ps(dot_u8s8(u, x)));
+        acc[i][r] = _mm512_fmadd_ps(p, _mm512_set1_ps(rs[i].scale_of(b) * a.d[r * a.nb + b]), acc[i][r]);
+        acc_min[i][r] = _mm_add_ss(acc_min[i][r], _mm_set_ss(rs[i].min_of(b) * a.s[r * a.nb + b]));
       }
     }
   }
@@ -513,9 +518,8 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::
                          const c10::optional<at::Tensor>& mins, int64_t group_size, int64_t isa_in) {
   const int64_t n = w.size(0), kw = kInt4 ? w.size(1) * 2 : w.size(1), row_bytes = w.size(1);
   TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "glmserve: CPU tensors only");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) <= kw && x_in.size(1) % kBlock == 0 && (kInt4 || x_in.size(1) == kw),
-              "glmserve: x must be [M, K], K a multiple of 32 matching the weight");
-  TORCH_CHECK(!kInt4 || kw % kInt4Align == 0, "glmserve: int4 rows must be padded to 128 columns");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == kw && kw % kBlock == 0,
+              "glmserve: x must be [M, K] as the weight, K a multiple of 32");
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), nb = kw / kBlock;
   const int64_t isa = resolve_isa(isa_in);
@@ -524,7 +528,7 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::
   static thread_local std::vector<int8_t> xq;
   static thread_local std::vector<float> xd, xs;
   const int64_t interleave = !kInt4 || isa == kRef ? 1 : isa == kAvx512Vnni ? 4 : 2;
-  quantize_rows(x, kw, interleave, xq, xd, xs);
+  quantize_rows(x, interleave, xq, xd, xs);
   const int8_t* xq_data = xq.data();
   const float* xd_data = xd.data();
   const float* xs_data = xs.data();
