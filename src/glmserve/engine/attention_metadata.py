@@ -23,6 +23,7 @@ def build_attention_metadata(
         slot_mapping=torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(device),
         num_decode_tokens=len(decode_tables),
         decode_block_tables=None,
+        decode_context_lens=None,
         decode_mask=None,
         prefill_block_tables=None,
         prefill_mask=None,
@@ -31,6 +32,7 @@ def build_attention_metadata(
     )
     if decode_tables:
         meta.decode_block_tables = block_tables(decode_tables, device)
+        meta.decode_context_lens = torch.tensor(decode_context_lens, dtype=torch.int64, device=device)
         num_keys = meta.decode_block_tables.shape[1] * block_size
         if min(decode_context_lens) < num_keys:  # some keys are padding past a context's end
             key_index = torch.arange(num_keys, device=device)

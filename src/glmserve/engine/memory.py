@@ -21,8 +21,8 @@ from glmserve.engine.checkpoint import Checkpoint, weight_quantization
 from glmserve.engine.checkpoint.gguf_quant import GROUP_SIZE as GGUF_GROUP_SIZE
 from glmserve.engine.checkpoint.gguf_quant import INT4_TYPES
 from glmserve.engine.device import Placement
-from glmserve.engine.layers.linear import Linear, is_output_layer, prepacks
 from glmserve.engine.kernels.native_linear import NATIVE_KERNELS
+from glmserve.engine.layers.linear import Linear, is_output_layer, prepacks
 from glmserve.engine.layers.quant import quantized_bytes
 from glmserve.engine.layers.quant_kernels import select_kernel
 from glmserve.engine.models import model_class

@@ -1,4 +1,6 @@
-"""The native CPU kernels (csrc/quant_linear.cpp): int4 / int8 weights times 8-bit activations.
+"""The native CPU kernels: int4 / int8 weights times 8-bit activations (csrc/quant_linear.cpp), and
+the fused small ops of a decode step (csrc/decode_ops.cpp: RMSNorm, SwiGLU, rotary, KV write, paged
+decode attention), which the layers use on CPU wherever the library loads.
 
 Built once per machine with torch.utils.cpp_extension into a cache (~/.cache/glmserve/kernels,
 or $GLMSERVE_KERNEL_CACHE), keyed by the sources, torch's version and the compiler, and loaded as
@@ -25,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("quant_linear.cpp", "quant_linear_ymm.inc")
+SOURCES = ("quant_linear.cpp", "quant_linear_ymm.inc", "decode_ops.cpp")
 ISA_NAMES = {1: "c++", 2: "avx2", 3: "avx-vnni", 4: "avx512-vnni"}  # the `isa` argument of the ops
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-Wno-unused-function"]
 
@@ -70,7 +72,7 @@ def _build_and_load(directory: Path) -> None:
     logger.info("building the native CPU kernels (once per machine) in %s", directory)
     cpp_extension.load(
         name="glmserve_cpu_kernels",
-        sources=[str(SOURCE_DIR / "quant_linear.cpp")],
+        sources=[str(SOURCE_DIR / name) for name in SOURCES if name.endswith(".cpp")],
         extra_cflags=CFLAGS,
         extra_include_paths=[str(SOURCE_DIR)],
         extra_ldflags=["-fopenmp"],
@@ -78,6 +80,11 @@ def _build_and_load(directory: Path) -> None:
         is_python_module=False,
         verbose=False,
     )
+
+
+def has_decode_ops() -> bool:
+    """Are the fused ops of a CPU decode step (csrc/decode_ops.cpp) loaded? Same build as the kernels."""
+    return load()
 
 
 def available_isas() -> list[int]:

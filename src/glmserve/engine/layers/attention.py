@@ -9,6 +9,8 @@ each prefilling sequence back to back. Each layer writes the new K/V into the ca
 - prefills: pad the chunks to [P, max_q], gather the blocks, one SDPA call with a causal
   mask by absolute position (chunks may start after a cached prefix).
 Grouped KV heads are handled by folding each group of query heads into the query length.
+On CPU, where the native ops are built (kernels/native.py), the cache write is one op and decodes
+are one fused op over the paged cache (csrc/decode_ops.cpp: no gather, float32 accumulation).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmserve.engine.kernels import native
+
 SDPA_MAX_DECODES = 4
 
 
@@ -28,6 +32,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [B, max_blocks]
+    decode_context_lens: torch.Tensor | None  # [B] int64: keys each decode attends to
     # [1, B, 1, L] additive: 0 where key index < context length, -inf after; None if nothing to mask
     decode_mask: torch.Tensor | None
     prefill_block_tables: torch.Tensor | None  # [P, max_blocks]
@@ -85,11 +90,22 @@ class PagedAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H * D]
         k_cache, v_cache = kv_cache
-        k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        fused = k_cache.device.type == "cpu" and native.has_decode_ops() and q.dtype == k.dtype == v.dtype == k_cache.dtype
+        if fused:
+            torch.ops.glmserve.write_kv_(k_cache, v_cache, k, v, meta.slot_mapping)
+        else:
+            k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+            v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         num_decode = meta.num_decode_tokens
         parts = []
-        if num_decode:
+        if num_decode and fused:
+            parts.append(
+                torch.ops.glmserve.decode_attention(
+                    q[:num_decode], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                    self.scale, self.alibi,
+                )
+            )
+        elif num_decode:
             parts.append(self._decode(q[:num_decode], k_cache, v_cache, meta))
         if num_decode < q.shape[0]:
             parts.append(self._prefill(q[num_decode:], k[num_decode:], v[num_decode:], k_cache, v_cache, meta))

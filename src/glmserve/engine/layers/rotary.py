@@ -4,13 +4,16 @@ Two layouts of the rotated pairs within a head's first `rotary_dim` dimensions:
 - "neox" (Llama, Hugging Face): pairs are (i, i + rotary_dim/2), "rotate_half";
 - "interleaved" (ChatGLM2/3, GLM-4, GPT-J): pairs are adjacent (2i, 2i + 1).
 Both are computed as x * cos + swap(x) * sin_signed, where swap exchanges each pair's
-members and sin_signed carries the minus sign of the first member: 3 kernels per call.
+members and sin_signed carries the minus sign of the first member: 3 kernels per call, or one
+in-place op on CPU where the native ops are built (`apply_`, the same roundings).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from glmserve.engine.kernels import native
 
 
 class RotaryEmbedding(nn.Module):
@@ -54,3 +57,10 @@ class RotaryEmbedding(nn.Module):
             return torch.addcmul(x * cos, self._swap(x), sin)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         return torch.cat([torch.addcmul(rot * cos, self._swap(rot), sin), rest], -1)
+
+    def apply_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`apply`, rotating x in place where a fused op can (x: a fresh projection's [T, NH, D] view)."""
+        if x.device.type == "cpu" and native.has_decode_ops() and x.stride(-1) == 1 and cos.dtype == x.dtype:
+            torch.ops.glmserve.rotary_(x, cos.contiguous(), sin.contiguous(), self.style == "interleaved")
+            return x
+        return self.apply(x, cos, sin)

@@ -60,7 +60,7 @@ class BaichuanAttention(nn.Module):
         qkv = self.W_pack(x).view(x.shape[0], 3 * self.num_heads, self.head_dim)  # [T, 3H, D]
         qk, v = qkv[:, : 2 * self.num_heads], qkv[:, 2 * self.num_heads :]
         if rotary is not None:
-            qk = rotary.apply(qk, *cos_sin)
+            qk = rotary.apply_(qk, *cos_sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # each [T, H, D]
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
@@ -74,8 +74,9 @@ class BaichuanDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos_sin, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
+        return x + self.mlp(h)
 
 
 class BaichuanModel(nn.Module):

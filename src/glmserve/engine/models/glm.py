@@ -14,10 +14,10 @@ each head's dimensions, as interleaved adjacent pairs, base 10000 * `rope_ratio`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glmserve.config import ModelConfig
+from glmserve.engine.layers.activation import silu_and_mul
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
 from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear
@@ -55,7 +55,7 @@ class SelfAttention(nn.Module):
         t = x.shape[0]
         qkv = self.query_key_value(x)  # [T, (H + 2 KVH) * D]
         num_qk = self.num_heads + self.num_kv_heads
-        qk = rotary.apply(qkv[:, : num_qk * self.head_dim].view(t, num_qk, self.head_dim), *cos_sin)
+        qk = rotary.apply_(qkv[:, : num_qk * self.head_dim].view(t, num_qk, self.head_dim), *cos_sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, KVH, D]
         v = qkv[:, num_qk * self.head_dim :].view(t, self.num_kv_heads, self.head_dim)
         return self.dense(self.attn(q, k, v, kv_cache, meta))
@@ -68,8 +68,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, -1)  # each [T, F]
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(silu_and_mul(self.dense_h_to_4h(x)))  # rows [gate; up]
 
 
 class GLMBlock(nn.Module):
@@ -81,8 +80,9 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos_sin, rotary, kv_cache, meta):
-        x = x + self.self_attention(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attention(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
+        return x + self.mlp(h)
 
 
 class Embedding(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmserve.config import ModelConfig
+from glmserve.engine.layers.activation import silu_and_mul
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
 from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear, MergedLinear, max_fused_rows, prepack, prepacked_linear
@@ -37,7 +38,7 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
         num_qk = self.num_heads + self.num_kv_heads
-        qk = rotary.apply(qkv[:, : num_qk * self.head_dim].view(t, num_qk, self.head_dim), *cos_sin)
+        qk = rotary.apply_(qkv[:, : num_qk * self.head_dim].view(t, num_qk, self.head_dim), *cos_sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, num_qk * self.head_dim :].view(t, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
@@ -50,8 +51,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -63,8 +63,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, cos_sin, rotary, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

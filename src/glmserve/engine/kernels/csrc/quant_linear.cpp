@@ -70,6 +70,7 @@ struct ScaleSource {
   int64_t num_groups;    // K / G
   int64_t group_blocks;  // G / 32
   float min_from_scale;
+  int64_t rows;  // N
 };
 
 // One output row's scale and min per group of `gb` blocks of 32 columns, in float32 (block b's
@@ -79,7 +80,8 @@ struct RowScales {
   int64_t gb = 1;
   bool is_uniform = false;
   float uniform = 0.0f;
-  explicit RowScales(int64_t nb = 0) : scale(nb), min(nb) {}
+  // 8 floats of slack: expanding a row's last groups may write one whole vector past them.
+  explicit RowScales(int64_t nb = 0) : scale(nb + 8), min(nb + 8) {}
   float scale_of(int64_t b) const { return scale[b / gb]; }
   float min_of(int64_t b) const { return min[b / gb]; }
 };
@@ -507,7 +509,7 @@ static ScaleSource scale_source(const at::Tensor& scales, const c10::optional<at
                 "glmserve: mins must be like scales");
   }
   return ScaleSource{scales.data_ptr(), mins.has_value() ? mins->data_ptr() : nullptr,
-                     scales.scalar_type() == at::kHalf, k / group_size, group_size / kBlock, min_from_scale};
+                     scales.scalar_type() == at::kHalf, k / group_size, group_size / kBlock, min_from_scale, n};
 }
 
 // Output rows per task: enough weight bytes to be worth a thread (small layers run on one).
@@ -539,7 +541,7 @@ static at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::
   const auto* w_data = static_cast<const uint8_t*>(w.data_ptr());
   at::parallel_for(0, n, grain_rows(row_bytes), [&](int64_t begin, int64_t end) {
     thread_local std::vector<RowScales> rs;  // the workers live on: allocated once per thread
-    if (rs.size() < 4 || static_cast<int64_t>(rs[0].scale.size()) < nb) rs.assign(4, RowScales(nb));
+    if (rs.size() < 4 || static_cast<int64_t>(rs[0].scale.size()) < nb + 8) rs.assign(4, RowScales(nb));
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
       const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
       const Acts a{xq_data + r0 * kw, xd_data + r0 * nb, xs_data + r0 * nb, kw, nb};

@@ -1,0 +1,381 @@
+// The small operations of a decode step on CPU, each one op instead of 2-6 aten kernels: on a small
+// model a step is ~25 such kernels per layer and their dispatch costs more than their arithmetic.
+// Each keeps the roundings of the aten ops it replaces (bfloat16 / float16 values are rounded where
+// those ops round: elementwise in float, one rounding per op), except decode attention, which
+// accumulates in float32 as SDPA's CPU kernel does, in another order.
+//
+//   rms_norm(x [T, K], w [K], eps) -> [T, K]             x / rms(x) * w, float32 sums, one rounding
+//   add_rms_norm(x, delta, w, eps) -> (x + delta, rms_norm(x + delta))
+//   silu_mul(x [T, 2F]) -> [T, F]                         silu(x[:, :F]) * x[:, F:]
+//   rotary_(x [T, NH, D], cos [T, 1, R], sin [T, 1, R], interleaved)   in place, see layers/rotary.py
+//   write_kv_(k_cache, v_cache [KVH, slots, D], k, v [T, KVH, D], slots [T])
+//   decode_attention(q [B, H, D], k_cache, v_cache [KVH, blocks, block_size, D], block_tables [B, max_blocks],
+//                    context_lens [B], scale, alibi_slopes [H]?) -> [B, H * D]
+// Rows may be strided (views of a merged projection); the last dimension must be contiguous.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace glmserve {
+namespace decode_ops {
+
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, chosen once at load (GCC ifunc).
+#define GLMSERVE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.stride(-1) == 1, "glmserve: ", name, " must be a CPU tensor, last dimension contiguous");
+}
+
+// Work of about this many multiply-adds is worth a second thread.
+constexpr int64_t kGrainWork = 1 << 15;
+
+int64_t grain(int64_t units, int64_t work_per_unit) {
+  return std::max<int64_t>(1, std::min<int64_t>(units, kGrainWork / std::max<int64_t>(1, work_per_unit)));
+}
+
+// ---------------------------------------------------------------- normalization and activation
+
+template <typename T>
+void rms_row(const T* x, const T* w, float eps, int64_t k, T* out) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    const float v = static_cast<float>(x[i]);
+    sum += v * v;
+  }
+  const float rstd = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<T>(static_cast<float>(x[i]) * rstd * static_cast<float>(w[i]));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type() &&
+                  w.is_contiguous(), "glmserve: rms_norm wants x [T, K] and a contiguous weight [K] of x's dtype");
+  const int64_t t = x.size(0), k = x.size(1), stride = x.stride(0);
+  at::Tensor out = at::empty({t, k}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, t, grain(t, k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) rms_row(xp + r * stride, w.data_ptr<scalar_t>(), static_cast<float>(eps), k, op + r * k);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& w,
+                                                double eps) {
+  check_rows(x, "x");
+  check_rows(delta, "delta");
+  TORCH_CHECK(x.dim() == 2 && delta.sizes() == x.sizes() && delta.scalar_type() == x.scalar_type(),
+              "glmserve: add_rms_norm wants x and delta of one shape [T, K] and dtype");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type() && w.is_contiguous(),
+              "glmserve: add_rms_norm wants a contiguous weight [K] of x's dtype");
+  const int64_t t = x.size(0), k = x.size(1);
+  at::Tensor sum = at::empty({t, k}, x.options()), out = at::empty({t, k}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    at::parallel_for(0, t, grain(t, 2 * k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* a = x.data_ptr<scalar_t>() + r * x.stride(0);
+        const scalar_t* b = delta.data_ptr<scalar_t>() + r * delta.stride(0);
+        scalar_t* s = sum.data_ptr<scalar_t>() + r * k;
+        for (int64_t i = 0; i < k; ++i) s[i] = static_cast<scalar_t>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+        rms_row(s, w.data_ptr<scalar_t>(), static_cast<float>(eps), k, out.data_ptr<scalar_t>() + r * k);
+      }
+    });
+  });
+  return {sum, out};
+}
+
+// exp(x) for x <= 88 (silu's -g), vectorizable: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and
+// Cephes' degree-6 polynomial (~1 ulp); far below a bfloat16's or float16's precision.
+static inline float fast_exp(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// silu(g) for a row of float32 gates, in place.
+GLMSERVE_CLONES void silu_row(float* g, int64_t f) {
+#pragma omp simd
+  for (int64_t i = 0; i < f; ++i) g[i] = g[i] / (1.0f + fast_exp(std::min(-g[i], 88.0f)));
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "glmserve: silu_mul wants x [T, 2F]");
+  const int64_t t = x.size(0), f = x.size(1) / 2;
+  at::Tensor out = at::empty({t, f}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_mul", [&] {
+    at::parallel_for(0, t, grain(t, 8 * f), [&](int64_t begin, int64_t end) {
+      std::vector<float> g(f);
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* gate = x.data_ptr<scalar_t>() + r * x.stride(0);
+        const scalar_t* up = gate + f;
+        scalar_t* o = out.data_ptr<scalar_t>() + r * f;
+        for (int64_t i = 0; i < f; ++i) g[i] = static_cast<float>(gate[i]);
+        silu_row(g.data(), f);
+        for (int64_t i = 0; i < f; ++i) {
+          const scalar_t silu = static_cast<scalar_t>(g[i]);  // F.silu rounds here
+          o[i] = static_cast<scalar_t>(static_cast<float>(silu) * static_cast<float>(up[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- rotary embedding, KV cache
+
+// As RotaryEmbedding.apply: x * cos (rounded, as aten's mul), then + swap(x) * sin (addcmul).
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1, "glmserve: rotary_ wants x [T, NH, D], D contiguous");
+  const int64_t t = x.size(0), nh = x.size(1), rot = cos.size(-1);
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == t * rot && sin.numel() == t * rot && rot <= x.size(2) && rot % 2 == 0,
+              "glmserve: rotary_ wants contiguous cos, sin [T, 1, R] in x's dtype, R even and <= D");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
+    at::parallel_for(0, t * nh, grain(t * nh, 4 * rot), [&](int64_t begin, int64_t end) {
+      std::vector<float> row(rot);
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t i = u / nh, h = u % nh;
+        scalar_t* v = x.data_ptr<scalar_t>() + i * x.stride(0) + h * x.stride(1);
+        const scalar_t* c = cos.data_ptr<scalar_t>() + i * rot;
+        const scalar_t* s = sin.data_ptr<scalar_t>() + i * rot;
+        for (int64_t j = 0; j < rot; ++j) row[j] = static_cast<float>(v[j]);
+        for (int64_t j = 0; j < rot; ++j) {
+          const int64_t partner = interleaved ? (j ^ 1) : (j + rot / 2) % rot;
+          const scalar_t scaled = static_cast<scalar_t>(row[j] * static_cast<float>(c[j]));
+          v[j] = static_cast<scalar_t>(static_cast<float>(scaled) + row[partner] * static_cast<float>(s[j]));
+        }
+      }
+    });
+  });
+}
+
+void write_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4,
+              "glmserve: write_kv_ wants contiguous caches [KVH, blocks, block_size, D]");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
+                  k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type(),
+              "glmserve: write_kv_ wants k, v [T, KVH, D] in the cache's dtype, D contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == k.size(0),
+              "glmserve: write_kv_ wants int64 slots [T]");
+  const int64_t t = k.size(0), kvh = k.size(1), d = k.size(2);
+  const int64_t num_slots = k_cache.size(1) * k_cache.size(2), bytes = d * k.element_size();
+  TORCH_CHECK(k_cache.size(0) == kvh && k_cache.size(3) == d, "glmserve: write_kv_: k does not fit the cache");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < num_slots, "glmserve: write_kv_: slot out of range");
+    for (int64_t h = 0; h < kvh; ++h) {
+      const int64_t to = (h * num_slots + slot[i]) * bytes;
+      std::memcpy(kc + to, static_cast<const char*>(k.data_ptr()) + (i * k.stride(0) + h * k.stride(1)) * k.element_size(), bytes);
+      std::memcpy(vc + to, static_cast<const char*>(v.data_ptr()) + (i * v.stride(0) + h * v.stride(1)) * v.element_size(), bytes);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- decode attention
+
+enum Kind { kF32, kBF16, kF16 };
+
+// n values of a cache row into float32.
+static inline __attribute__((always_inline)) void to_float(const void* p, Kind kind, int64_t n, float* out) {
+  if (kind == kBF16) {
+    const auto* h = static_cast<const uint16_t*>(p);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
+      std::memcpy(out + i, &bits, 4);
+    }
+  } else if (kind == kF32) {
+    std::memcpy(out, p, n * 4);
+  } else {
+    const auto* h = static_cast<const uint16_t*>(p);
+    for (int64_t i = 0; i < n; ++i) out[i] = c10::detail::fp16_ieee_to_fp32_value(h[i]);
+  }
+}
+
+// One sequence's G query heads against the KV head they share.
+struct Unit {
+  const float* q;         // [G, D], already scaled
+  const char* const* k;   // per block of the sequence: its [block_size, D] keys of this head
+  const char* const* v;   // the same for values
+  int64_t len, block_size, g, d;
+  Kind kind;
+  const float* slopes;    // [G] ALiBi slopes or nullptr
+};
+
+// scores[j * stride] = q[j] . key for the G query rows q [G, D]. GCC sums a vectorized reduction's
+// lanes one by one (16 dependent adds per dot product), so AVX-512 gets its own tree sum.
+using ScoresFn = void (*)(const float* q, int64_t g, const float* key, int64_t d, float* scores, int64_t stride);
+
+__attribute__((target("avx512f"))) void scores_avx512(const float* q, int64_t g, const float* key, int64_t d,
+                                                      float* scores, int64_t stride) {
+  for (int64_t j = 0; j < g; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * d + i), _mm512_loadu_ps(key + i), acc);
+    scores[j * stride] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+GLMSERVE_CLONES void scores_any(const float* q, int64_t g, const float* key, int64_t d, float* scores, int64_t stride) {
+  for (int64_t j = 0; j < g; ++j) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < d; ++i) sum += q[j * d + i] * key[i];
+    scores[j * stride] = sum;
+  }
+}
+
+// scores [G, len] and row [D] are scratch; out [G, D] float32, normalized.
+GLMSERVE_CLONES void attend(const Unit& u, ScoresFn score, float* scores, float* row, float* out) {
+  const int64_t d = u.d, g = u.g, len = u.len, es = u.kind == kF32 ? 4 : 2;
+  for (int64_t l = 0; l < len; ++l) {
+    to_float(u.k[l / u.block_size] + (l % u.block_size) * d * es, u.kind, d, row);
+    score(u.q, g, row, d, scores + l, len);
+  }
+  for (int64_t j = 0; j < g; ++j) {
+    float* s = scores + j * len;
+    if (u.slopes != nullptr) {
+      for (int64_t l = 0; l < len; ++l) s[l] += u.slopes[j] * static_cast<float>(l);
+    }
+    float top = s[0];
+    for (int64_t l = 1; l < len; ++l) top = std::max(top, s[l]);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t l = 0; l < len; ++l) {
+      s[l] = fast_exp(s[l] - top);
+      total += s[l];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t l = 0; l < len; ++l) s[l] *= inv;
+  }
+  std::fill(out, out + g * d, 0.0f);
+  for (int64_t l = 0; l < len; ++l) {
+    to_float(u.v[l / u.block_size] + (l % u.block_size) * d * es, u.kind, d, row);
+    for (int64_t j = 0; j < g; ++j) {
+      const float p = scores[j * len + l];
+      float* o = out + j * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) o[i] += p * row[i];
+    }
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                            const c10::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.stride(2) == 1, "glmserve: decode_attention wants q [B, H, D], D contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+                  k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "glmserve: decode_attention wants contiguous caches [KVH, blocks, block_size, D] in q's dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2 &&
+                  context_lens.scalar_type() == at::kLong && context_lens.is_contiguous() &&
+                  block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
+              "glmserve: decode_attention wants int64 block_tables [B, max_blocks] and context_lens [B]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "glmserve: decode_attention wants float32, bfloat16 or float16");
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(2), kvh = k_cache.size(0), block_size = k_cache.size(2);
+  const int64_t num_blocks = k_cache.size(1), max_blocks = block_tables.size(1), g = h / kvh;
+  TORCH_CHECK(k_cache.size(3) == d && h % kvh == 0, "glmserve: decode_attention: q does not fit the cache");
+  const float* slopes = nullptr;
+  if (alibi_slopes.has_value()) {
+    TORCH_CHECK(alibi_slopes->scalar_type() == at::kFloat && alibi_slopes->is_contiguous() && alibi_slopes->numel() == h,
+                "glmserve: alibi_slopes must be float32 [H]");
+    slopes = alibi_slopes->data_ptr<float>();
+  }
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  int64_t longest = 1;
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * block_size, "glmserve: decode_attention: bad context length");
+    for (int64_t j = 0; j < (lens[i] + block_size - 1) / block_size; ++j) {
+      TORCH_CHECK(tables[i * max_blocks + j] >= 0 && tables[i * max_blocks + j] < num_blocks,
+                  "glmserve: decode_attention: block out of range");
+    }
+    longest = std::max(longest, lens[i]);
+  }
+  const Kind kind = q.scalar_type() == at::kBFloat16 ? kBF16 : q.scalar_type() == at::kHalf ? kF16 : kF32;
+  const int64_t es = q.element_size();
+  const auto* k_data = static_cast<const char*>(k_cache.data_ptr());
+  const auto* v_data = static_cast<const char*>(v_cache.data_ptr());
+  const int64_t head_bytes = k_cache.stride(0) * es, block_bytes = k_cache.stride(1) * es;
+  at::Tensor out = at::empty({b, h * d}, q.options());
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  const ScoresFn score = has_avx512 && d % 16 == 0 ? scores_avx512 : scores_any;
+  // One task: a sequence's G query heads that share one KV head.
+  at::parallel_for(0, b * kvh, grain(b * kvh, 2 * longest * d * g), [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(g * d), row(d), scores(g * longest), acc(g * d);
+    std::vector<const char*> k_blocks(max_blocks), v_blocks(max_blocks);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / kvh, kv = task % kvh, len = lens[s];
+      for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j) {
+        const int64_t block = tables[s * max_blocks + j];
+        k_blocks[j] = k_data + kv * head_bytes + block * block_bytes;
+        v_blocks[j] = v_data + kv * head_bytes + block * block_bytes;
+      }
+      for (int64_t j = 0; j < g; ++j) {
+        to_float(static_cast<const char*>(q.data_ptr()) + (s * q.stride(0) + (kv * g + j) * q.stride(1)) * es, kind, d,
+                 qf.data() + j * d);
+        for (int64_t i = 0; i < d; ++i) qf[j * d + i] *= static_cast<float>(scale);
+      }
+      const Unit unit{qf.data(), k_blocks.data(), v_blocks.data(), len, block_size, g, d, kind,
+                      slopes == nullptr ? nullptr : slopes + kv * g};
+      attend(unit, score, scores.data(), row.data(), acc.data());
+      auto* o = static_cast<char*>(out.data_ptr()) + (s * h * d + kv * g * d) * es;
+      for (int64_t i = 0; i < g * d; ++i) {
+        switch (kind) {
+          case kBF16: reinterpret_cast<c10::BFloat16*>(o)[i] = c10::BFloat16(acc[i]); break;
+          case kF16: reinterpret_cast<c10::Half*>(o)[i] = c10::Half(acc[i]); break;
+          default: reinterpret_cast<float*>(o)[i] = acc[i];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace decode_ops
+}  // namespace glmserve
+
+TORCH_LIBRARY_FRAGMENT(glmserve, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, bool interleaved) -> ()");
+  m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale, "
+        "Tensor? alibi_slopes) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(glmserve, CPU, m) {
+  m.impl("rms_norm", &glmserve::decode_ops::rms_norm);
+  m.impl("add_rms_norm", &glmserve::decode_ops::add_rms_norm);
+  m.impl("silu_mul", &glmserve::decode_ops::silu_mul);
+  m.impl("rotary_", &glmserve::decode_ops::rotary_);
+  m.impl("write_kv_", &glmserve::decode_ops::write_kv_);
+  m.impl("decode_attention", &glmserve::decode_ops::decode_attention);
+}
