@@ -285,6 +285,91 @@ GLMSERVE_CLONES void attend(const Unit& u, ScoresFn score, float* scores, float*
   }
 }
 
+// The same on AVX-512 for D = 16 * NV: keys and values of the sequence are widened to float32 once
+// (scratch [len, D] each), a query's output accumulates in NV registers, and dot products end in
+// a tree sum.
+__attribute__((target("avx512f"))) static inline __m512 widen16(const void* p, Kind kind) {
+  if (kind == kF32) return _mm512_loadu_ps(p);
+  const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  if (kind == kF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// fast_exp on 16 lanes.
+__attribute__((target("avx512f"))) static inline __m512 fast_exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+template <int NV>
+__attribute__((target("avx512f"))) void attend_avx512(const Unit& u, float* scores, float* keys, float* values, float* out) {
+  constexpr int64_t d = 16 * NV;
+  const int64_t g = u.g, len = u.len, es = u.kind == kF32 ? 4 : 2;
+  for (int64_t l = 0; l < len; ++l) {
+    const int64_t at = (l % u.block_size) * d * es;
+    for (int c = 0; c < NV; ++c) {
+      _mm512_storeu_ps(keys + l * d + 16 * c, widen16(u.k[l / u.block_size] + at + 16 * c * es, u.kind));
+      _mm512_storeu_ps(values + l * d + 16 * c, widen16(u.v[l / u.block_size] + at + 16 * c * es, u.kind));
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) {
+    __m512 q[NV];
+    for (int c = 0; c < NV; ++c) q[c] = _mm512_loadu_ps(u.q + j * d + 16 * c);
+    float* s = scores + j * len;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t l = 0; l < len; ++l) {
+      __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(keys + l * d));
+      for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(keys + l * d + 16 * c), acc);
+      s[l] = _mm512_reduce_add_ps(acc) + (u.slopes != nullptr ? u.slopes[j] * static_cast<float>(l) : 0.0f);
+      top = std::max(top, s[l]);
+    }
+    const __m512 top16 = _mm512_set1_ps(top);
+    __m512 sum16 = _mm512_setzero_ps();
+    int64_t l = 0;
+    for (; l + 16 <= len; l += 16) {
+      const __m512 e = fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), top16));
+      _mm512_storeu_ps(s + l, e);
+      sum16 = _mm512_add_ps(sum16, e);
+    }
+    float total = _mm512_reduce_add_ps(sum16);
+    for (; l < len; ++l) total += (s[l] = fast_exp(s[l] - top));
+    __m512 o[NV];
+    for (int c = 0; c < NV; ++c) o[c] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < len; ++l) {
+      const __m512 p = _mm512_set1_ps(s[l]);
+      for (int c = 0; c < NV; ++c) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + l * d + 16 * c), o[c]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / total);
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + j * d + 16 * c, _mm512_mul_ps(o[c], inv));
+  }
+}
+
+using AttendFn = void (*)(const Unit&, float* scores, float* keys, float* values, float* out);
+
+// The AVX-512 kernel for this head size where the CPU has it, else nullptr.
+AttendFn attend_kernel(int64_t d) {
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  if (!has_avx512) return nullptr;
+  switch (d) {
+    case 64: return attend_avx512<4>;
+    case 128: return attend_avx512<8>;
+    case 80: return attend_avx512<5>;
+    case 96: return attend_avx512<6>;
+    case 256: return attend_avx512<16>;
+    default: return nullptr;
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                             const c10::optional<at::Tensor>& alibi_slopes) {
@@ -326,10 +411,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   at::Tensor out = at::empty({b, h * d}, q.options());
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   const ScoresFn score = has_avx512 && d % 16 == 0 ? scores_avx512 : scores_any;
+  const AttendFn fast = attend_kernel(d);
   // One task: a sequence's G query heads that share one KV head.
   at::parallel_for(0, b * kvh, grain(b * kvh, 2 * longest * d * g), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(g * d), row(d), scores(g * longest), acc(g * d);
-    std::vector<const char*> k_blocks(max_blocks), v_blocks(max_blocks);
+    // Scratch kept by each thread across calls (sized up, never zeroed again): a decode step
+    // calls this once per layer.
+    thread_local std::vector<float> qf, row, scores, acc, keys, values;
+    thread_local std::vector<const char*> k_blocks, v_blocks;
+    for (auto* v : {&qf, &acc}) v->resize(std::max<size_t>(v->size(), g * d));
+    row.resize(std::max<size_t>(row.size(), d));
+    scores.resize(std::max<size_t>(scores.size(), g * longest));
+    if (fast != nullptr) {
+      for (auto* v : {&keys, &values}) v->resize(std::max<size_t>(v->size(), longest * d));
+    }
+    for (auto* v : {&k_blocks, &v_blocks}) v->resize(std::max<size_t>(v->size(), max_blocks));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / kvh, kv = task % kvh, len = lens[s];
       for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j) {
@@ -344,7 +439,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       }
       const Unit unit{qf.data(), k_blocks.data(), v_blocks.data(), len, block_size, g, d, kind,
                       slopes == nullptr ? nullptr : slopes + kv * g};
-      attend(unit, score, scores.data(), row.data(), acc.data());
+      if (fast != nullptr) {
+        fast(unit, scores.data(), keys.data(), values.data(), acc.data());
+      } else {
+        attend(unit, score, scores.data(), row.data(), acc.data());
+      }
       auto* o = static_cast<char*>(out.data_ptr()) + (s * h * d + kv * g * d) * es;
       for (int64_t i = 0; i < g * d; ++i) {
         switch (kind) {
