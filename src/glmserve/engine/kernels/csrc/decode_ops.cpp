@@ -228,34 +228,19 @@ struct Unit {
   const float* slopes;    // [G] ALiBi slopes or nullptr
 };
 
-// scores[j * stride] = q[j] . key for the G query rows q [G, D]. GCC sums a vectorized reduction's
-// lanes one by one (16 dependent adds per dot product), so AVX-512 gets its own tree sum.
-using ScoresFn = void (*)(const float* q, int64_t g, const float* key, int64_t d, float* scores, int64_t stride);
-
-__attribute__((target("avx512f"))) void scores_avx512(const float* q, int64_t g, const float* key, int64_t d,
-                                                      float* scores, int64_t stride) {
-  for (int64_t j = 0; j < g; ++j) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * d + i), _mm512_loadu_ps(key + i), acc);
-    scores[j * stride] = _mm512_reduce_add_ps(acc);
-  }
-}
-
-GLMSERVE_CLONES void scores_any(const float* q, int64_t g, const float* key, int64_t d, float* scores, int64_t stride) {
-  for (int64_t j = 0; j < g; ++j) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < d; ++i) sum += q[j * d + i] * key[i];
-    scores[j * stride] = sum;
-  }
-}
-
-// scores [G, len] and row [D] are scratch; out [G, D] float32, normalized.
-GLMSERVE_CLONES void attend(const Unit& u, ScoresFn score, float* scores, float* row, float* out) {
+// Any head size and CPU. scores [G, len] and row [D] are scratch; out [G, D] float32, normalized.
+// (GCC sums a vectorized dot product's lanes one by one, 16 dependent adds: AVX-512 CPUs run
+// attend_avx512 below for the usual head sizes.)
+GLMSERVE_CLONES void attend(const Unit& u, float* scores, float* row, float* out) {
   const int64_t d = u.d, g = u.g, len = u.len, es = u.kind == kF32 ? 4 : 2;
   for (int64_t l = 0; l < len; ++l) {
     to_float(u.k[l / u.block_size] + (l % u.block_size) * d * es, u.kind, d, row);
-    score(u.q, g, row, d, scores + l, len);
+    for (int64_t j = 0; j < g; ++j) {
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < d; ++i) sum += u.q[j * d + i] * row[i];
+      scores[j * len + l] = sum;
+    }
   }
   for (int64_t j = 0; j < g; ++j) {
     float* s = scores + j * len;
@@ -361,6 +346,8 @@ AttendFn attend_kernel(int64_t d) {
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   if (!has_avx512) return nullptr;
   switch (d) {
+    case 32: return attend_avx512<2>;
+    case 48: return attend_avx512<3>;
     case 64: return attend_avx512<4>;
     case 128: return attend_avx512<8>;
     case 80: return attend_avx512<5>;
@@ -409,8 +396,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const auto* v_data = static_cast<const char*>(v_cache.data_ptr());
   const int64_t head_bytes = k_cache.stride(0) * es, block_bytes = k_cache.stride(1) * es;
   at::Tensor out = at::empty({b, h * d}, q.options());
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const ScoresFn score = has_avx512 && d % 16 == 0 ? scores_avx512 : scores_any;
   const AttendFn fast = attend_kernel(d);
   // One task: a sequence's G query heads that share one KV head.
   at::parallel_for(0, b * kvh, grain(b * kvh, 2 * longest * d * g), [&](int64_t begin, int64_t end) {
@@ -442,7 +427,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       if (fast != nullptr) {
         fast(unit, scores.data(), keys.data(), values.data(), acc.data());
       } else {
-        attend(unit, score, scores.data(), row.data(), acc.data());
+        attend(unit, scores.data(), row.data(), acc.data());
       }
       auto* o = static_cast<char*>(out.data_ptr()) + (s * h * d + kv * g * d) * es;
       for (int64_t i = 0; i < g * d; ++i) {
