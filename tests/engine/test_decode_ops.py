@@ -145,3 +145,15 @@ def test_decode_attention_refuses_what_does_not_fit():
         torch.ops.glmserve.decode_attention(q, k_cache, k_cache, tables, torch.tensor([33]), 1.0, None)
     with pytest.raises(RuntimeError, match="block out of range"):
         torch.ops.glmserve.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 9]]), torch.tensor([20]), 1.0, None)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 49152])
+def test_argmax_rows_equals_torch_argmax(vocab):
+    torch.manual_seed(vocab)
+    x = torch.randn(5, vocab)
+    x[1] = 0.5  # ties everywhere: the first index wins
+    x[2, vocab // 2] = float("nan")  # a NaN counts as the maximum
+    x[3] = float("-inf")
+    if vocab > 3:
+        x[4, [vocab - 1, 2]] = 100.0  # the earlier of two maxima in different lanes
+    assert torch.equal(torch.ops.glmserve.argmax_rows(x), x.argmax(-1))

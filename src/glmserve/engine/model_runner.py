@@ -60,6 +60,7 @@ class ModelRunner:
         load_weights(self.model, checkpoint.iter_tensors(self.dtype, keep_quantized=keep_quantized))
         if keep_dense and hasattr(self.model, "prepack_tied_output"):
             self.model.prepack_tied_output()
+        self.model.build_decode_stack()  # CPU decode steps in one native call where it can
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_zeroed_blocks = 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glmserve.engine.kernels import native
 from glmserve.engine.sampling_params import SamplingParams
 
 
@@ -119,7 +120,7 @@ def _exponential_noise(shape, generators, device) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] float32 -> (token ids [N], the processed logits used for sampling)."""
     logits = apply_penalties(logits, batch)
-    greedy_ids = logits.argmax(-1)
+    greedy_ids = argmax_rows(logits)
     if batch.all_greedy:
         return greedy_ids, logits
     temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
@@ -128,8 +129,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         scaled = _top_k_top_p_mask(scaled, batch.top_k, batch.top_p)
     probs = scaled.softmax(-1)
     noise = _exponential_noise(probs.shape, batch.generators, probs.device)
-    sampled_ids = (probs / noise).argmax(-1)
+    sampled_ids = argmax_rows(probs / noise)
     return torch.where(batch.temperature > 0, sampled_ids, greedy_ids), logits
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N]: torch.argmax(x, -1), natively on CPU where the kernels load (aten's is a
+    scalar loop: ~0.35 ms of a 16-row step of the bundled model)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.shape[1] and native.load():
+        return torch.ops.glmserve.argmax_rows(x)
+    return x.argmax(-1)
 
 
 def topk_logprobs(

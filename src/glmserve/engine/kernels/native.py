@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("quant_linear.cpp", "quant_linear_ymm.inc", "decode_ops.cpp")
+SOURCES = ("quant_linear.cpp", "quant_linear_ymm.inc", "decode_ops.cpp", "decode_stack.cpp")
 ISA_NAMES = {1: "c++", 2: "avx2", 3: "avx-vnni", 4: "avx512-vnni"}  # the `isa` argument of the ops
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-Wno-unused-function"]
 
@@ -37,7 +37,7 @@ def cache_dir() -> Path:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(f"{torch.__version__} {sys.version_info[:2]} {os.environ.get('CXX', 'c++')}".encode())
+    digest.update(f"{torch.__version__} {sys.version_info[:2]} {os.environ.get('CXX', 'c++')} {CFLAGS}".encode())
     return Path(root) / digest.hexdigest()[:16]
 
 

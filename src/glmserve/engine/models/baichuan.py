@@ -20,6 +20,7 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
+from glmserve.engine.layers.decode_stack import DecodeStack, LayerParts, run_layers
 from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.norm import RMSNorm
@@ -78,6 +79,12 @@ class BaichuanDecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.add_and_norm(x, attn)
         return x + self.mlp(h)
 
+    def parts(self) -> LayerParts:
+        a, mlp = self.self_attn, self.mlp
+        return LayerParts(
+            self.input_layernorm, a.W_pack, a.attn, a.o_proj, self.post_attention_layernorm, mlp.gate_up_proj, mlp.down_proj
+        )
+
 
 class BaichuanModel(nn.Module):
     def __init__(self, config: ModelConfig, use_alibi: bool):
@@ -99,6 +106,7 @@ class BaichuanForCausalLM(nn.Module):
         self.config = config
         use_alibi = config.extra.get("position_embedding", "alibi") == "alibi"
         self.model = BaichuanModel(config, use_alibi)
+        self.decode_stack: DecodeStack | None = None  # set once weights are in (build_decode_stack)
         self.rotary = (
             None
             if use_alibi
@@ -115,9 +123,11 @@ class BaichuanForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos_sin = None if self.rotary is None else self.rotary.cos_sin(positions, x.dtype)  # two [T, 1, D]
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, self.rotary, kv_cache, meta)
+        x = run_layers(self.model.layers, self.decode_stack, x, cos_sin, self.rotary, kv_caches, meta)
         return self.model.norm(x)
+
+    def build_decode_stack(self) -> None:
+        self.decode_stack = DecodeStack.build([layer.parts() for layer in self.model.layers], self.rotary)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

@@ -19,6 +19,7 @@ from torch import nn
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.activation import silu_and_mul
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
+from glmserve.engine.layers.decode_stack import DecodeStack, LayerParts, run_layers
 from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.norm import RMSNorm
@@ -84,6 +85,13 @@ class GLMBlock(nn.Module):
         x, h = self.post_attention_layernorm.add_and_norm(x, attn)
         return x + self.mlp(h)
 
+    def parts(self) -> LayerParts:
+        a, mlp = self.self_attention, self.mlp
+        return LayerParts(
+            self.input_layernorm, a.query_key_value, a.attn, a.dense, self.post_attention_layernorm,
+            mlp.dense_h_to_4h, mlp.dense_4h_to_h,
+        )
+
 
 class Embedding(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -115,6 +123,7 @@ class ChatGLMForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = ChatGLMModel(config)
+        self.decode_stack: DecodeStack | None = None  # set once weights are in (build_decode_stack)
         self.rotary = glm_rotary(config, partial_rotary_factor(config.extra))
 
     def forward(
@@ -123,9 +132,12 @@ class ChatGLMForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = self.transformer.embedding.word_embeddings(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)  # two [T, 1, rotary_dim]
-        for layer, kv_cache in zip(self.transformer.encoder.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, self.rotary, kv_cache, meta)
+        layers = self.transformer.encoder.layers
+        x = run_layers(layers, self.decode_stack, x, cos_sin, self.rotary, kv_caches, meta)
         return self.transformer.encoder.final_layernorm(x)
+
+    def build_decode_stack(self) -> None:
+        self.decode_stack = DecodeStack.build([layer.parts() for layer in self.transformer.encoder.layers], self.rotary)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab] (vocab = padded_vocab_size)."""

@@ -13,6 +13,7 @@ from torch import nn
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.activation import silu_and_mul
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
+from glmserve.engine.layers.decode_stack import DecodeStack, LayerParts, run_layers
 from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear, MergedLinear, max_fused_rows, prepack, prepacked_linear
 from glmserve.engine.layers.norm import RMSNorm
@@ -67,6 +68,12 @@ class LlamaDecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.add_and_norm(x, attn)
         return x + self.mlp(h)
 
+    def parts(self) -> LayerParts:
+        a, mlp = self.self_attn, self.mlp
+        return LayerParts(
+            self.input_layernorm, a.qkv_proj, a.attn, a.o_proj, self.post_attention_layernorm, mlp.gate_up_proj, mlp.down_proj
+        )
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -97,6 +104,10 @@ class LlamaForCausalLM(nn.Module):
         self.quantized_output = None  # a tied output layer kept as the file stores the embedding
         self.int8_activations = True  # set by the runner: EngineConfig.activation_precision
         self.prepacked_output: torch.Tensor | None = None  # a tied output layer in oneDNN's layout
+        self.decode_stack: DecodeStack | None = None  # set once weights are in (build_decode_stack)
+
+    def build_decode_stack(self) -> None:
+        self.decode_stack = DecodeStack.build([layer.parts() for layer in self.model.layers], self.rotary)
 
     def prepack_tied_output(self) -> None:
         """Small models on CPU in bf16 also keep the tied output layer in oneDNN's layout (see
@@ -122,8 +133,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, self.rotary, kv_cache, meta)
+        x = run_layers(self.model.layers, self.decode_stack, x, cos_sin, self.rotary, kv_caches, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
