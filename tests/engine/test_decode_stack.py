@@ -9,20 +9,14 @@ from pathlib import Path
 import pytest
 from glm_checkpoints import write_tiny_checkpoint
 from test_baichuan import write_tiny_baichuan
+from test_llm_engine import PROMPTS as ENGINE_PROMPTS
 
 from glmserve import LLM, SamplingParams
 from glmserve.engine.kernels import native
 
 pytestmark = pytest.mark.skipif(not native.load(), reason="the native CPU kernels could not be built here")
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "List three colours of the rainbow:\n1.",
-    "Once upon a time in a small village by the sea, there lived an old fisherman who",
-    "1, 2, 3, 4,",
-    "Water boils at",
-]
+PROMPTS = [*ENGINE_PROMPTS, "Water boils at"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
 
 
