@@ -20,13 +20,13 @@ from torch import nn
 
 from glmserve.config import ModelConfig
 from glmserve.engine.layers.attention import AttentionMetadata, PagedAttention
-from glmserve.engine.layers.decode_stack import DecodeStack, LayerParts, run_layers
+from glmserve.engine.layers.decode_stack import DecodeStack, run_layers
 from glmserve.engine.layers.embedding import token_embedding
 from glmserve.engine.layers.linear import Linear
 from glmserve.engine.layers.norm import RMSNorm
 from glmserve.engine.layers.quant import Int4Weight, Int8Weight, QuantWeight
 from glmserve.engine.layers.rotary import RotaryEmbedding
-from glmserve.engine.models.llama import LlamaMLP
+from glmserve.engine.models.llama import LlamaDecoderLayer, LlamaMLP
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,6 +57,11 @@ class BaichuanAttention(nn.Module):
         self.o_proj = Linear(h * d, config.hidden_size)
         self.attn = PagedAttention(h, h, d, use_alibi=use_alibi)
 
+    @property
+    def qkv_proj(self) -> Linear:
+        """W_pack under the name LlamaDecoderLayer.parts reads (the checkpoint's name stays the module's)."""
+        return self.W_pack
+
     def forward(self, x, cos_sin, rotary: RotaryEmbedding | None, kv_cache: KVCache, meta: AttentionMetadata):
         qkv = self.W_pack(x).view(x.shape[0], 3 * self.num_heads, self.head_dim)  # [T, 3H, D]
         qk, v = qkv[:, : 2 * self.num_heads], qkv[:, 2 * self.num_heads :]
@@ -66,24 +71,15 @@ class BaichuanAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
-class BaichuanDecoderLayer(nn.Module):
+class BaichuanDecoderLayer(LlamaDecoderLayer):
+    """Llama's layer (forward, parts) around Baichuan's attention."""
+
     def __init__(self, config: ModelConfig, use_alibi: bool):
-        super().__init__()
+        nn.Module.__init__(self)  # not LlamaDecoderLayer's: it would build Llama's attention
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = BaichuanAttention(config, use_alibi)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
-
-    def forward(self, x, cos_sin, rotary, kv_cache, meta):
-        attn = self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta)
-        x, h = self.post_attention_layernorm.add_and_norm(x, attn)
-        return x + self.mlp(h)
-
-    def parts(self) -> LayerParts:
-        a, mlp = self.self_attn, self.mlp
-        return LayerParts(
-            self.input_layernorm, a.W_pack, a.attn, a.o_proj, self.post_attention_layernorm, mlp.gate_up_proj, mlp.down_proj
-        )
 
 
 class BaichuanModel(nn.Module):
