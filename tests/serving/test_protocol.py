@@ -3,6 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
+from glmserve.engine.sampling_params import StructuredOutputsParams
 from glmserve.serving.errors import InvalidRequest
 from glmserve.serving.protocol import ChatCompletionRequest, ClassicChatRequest, CompletionRequest
 
@@ -48,8 +49,36 @@ def test_logprobs_options():
         ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], top_logprobs=2).check_supported()
 
 
-@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
-def test_structured_output_is_refused(kind):
-    body = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], response_format={"type": kind})
-    with pytest.raises(InvalidRequest, match=kind):
-        body.check_supported()
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, None),
+        ({"response_format": {"type": "text"}}, None),
+        ({"response_format": {"type": "json_object"}}, StructuredOutputsParams(json_object=True)),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "integer"}}}},
+         StructuredOutputsParams(json={"type": "integer"})),
+        ({"guided_json": '{"type": "string"}'}, StructuredOutputsParams(json={"type": "string"})),
+        ({"guided_regex": "[a-z]+"}, StructuredOutputsParams(regex="[a-z]+")),
+        ({"guided_choice": ["a", "b"]}, StructuredOutputsParams(choice=["a", "b"])),
+        ({"guided_grammar": 'root ::= "a"'}, StructuredOutputsParams(grammar='root ::= "a"')),
+        ({"structured_outputs": {"regex": "x+"}}, StructuredOutputsParams(regex="x+")),
+    ],
+)  # fmt: skip
+def test_structured_output_fields(fields, expected):
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **fields)
+    assert body.sampling_options()["structured_outputs"] == expected
+    assert CompletionRequest(prompt="x", **fields).sampling_options()["structured_outputs"] == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+        {"response_format": {"type": "yaml"}},
+        {"guided_regex": "a", "response_format": {"type": "json_object"}},
+        {"guided_choice": ["", "b"]},
+    ],
+)
+def test_structured_output_mistakes_are_400(fields):
+    with pytest.raises(InvalidRequest):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **fields).sampling_options()

@@ -5,7 +5,10 @@ Both families answer in one turn shaped `{metadata}\\n{content}` after `<|assist
 - `interpreter` (ChatGLM3) / `python` (GLM-4): code to run, `{content}` a ```python block ->
   a call of that name with arguments {"code": ...};
 - any other name: a tool call. ChatGLM3 writes ```python\\ntool_call(k=v, ...)\\n``` whose keyword
-  values are read with `ast.literal_eval` (THUDM's demo `eval`s them); GLM-4 writes `{json}`.
+  values are read with `ast.literal_eval` (THUDM's demo `eval`s them; JSON's true/false/null, which
+  constrained decoding writes, are read too); GLM-4 writes `{json}`.
+Several calls in one turn (parallel tool calls) are separated by `<|assistant|>`, as the chat
+formats render them: the text must keep special tokens (skip_special_tokens=False).
 Output that does not parse is returned as plain content; no method here raises.
 
     parser = ChatGLM3ToolParser(tool_names={"get_weather"})
@@ -28,6 +31,8 @@ MAX_NAME_CHARS = 64  # OpenAI's limit on function names: longer metadata is pros
 MAX_CALL_CHARS = 100_000  # bounds ast.parse's work on a runaway output
 NAME_PATTERN = re.compile(r"[A-Za-z_][\w.\-]*")
 FENCE = re.compile(r"```[\w+-]*\n?(.*?)\n?```", re.DOTALL)
+CALL_SEPARATOR = "<|assistant|>"  # between the calls of one turn
+JSON_LITERALS = {"true": True, "false": False, "null": None}
 
 
 @dataclass
@@ -73,6 +78,15 @@ class GLMToolParser:
         return len(head) <= MAX_NAME_CHARS and (not head or NAME_PATTERN.fullmatch(head) is not None)
 
     def _parse(self, text: str) -> ParsedOutput:
+        segments = text.split(CALL_SEPARATOR)
+        if len(segments) > 1:  # several calls: all must parse, else it is all content
+            parsed = [self._parse_segment(segment) for segment in segments]
+            if all(p.tool_calls for p in parsed):
+                return ParsedOutput("", [call for p in parsed for call in p.tool_calls])
+            return ParsedOutput(text)
+        return self._parse_segment(text)
+
+    def _parse_segment(self, text: str) -> ParsedOutput:
         metadata, newline, content = text.partition("\n")
         metadata = metadata.strip()
         if not newline or not metadata:  # no metadata line, or an empty one: a plain answer
@@ -112,7 +126,14 @@ class ChatGLM3ToolParser(GLMToolParser):
             return None
         if any(keyword.arg is None for keyword in call.keywords):  # **kwargs
             return None
-        return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+        return {keyword.arg: ast.literal_eval(_JSONLiterals().visit(keyword.value)) for keyword in call.keywords}
+
+
+class _JSONLiterals(ast.NodeTransformer):
+    """true / false / null (JSON) -> True / False / None, so literal_eval reads them."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(JSON_LITERALS[node.id]) if node.id in JSON_LITERALS else node
 
 
 class GLM4ToolParser(GLMToolParser):

@@ -23,6 +23,7 @@ from glmserve.engine.outputs import StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.sequence import Sequence
+from glmserve.engine.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 8192  # cap when the checkpoint allows more and none was asked for
@@ -65,6 +66,10 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished choices
+        self.grammars = None  # structured output: needs the tokenizer, through the detokenizer
+        if detokenizer is not None and hasattr(detokenizer, "grammar_tokenizer"):
+            vocab_size, eos_ids = self.model_config.vocab_size, sorted(self.stop_token_ids)
+            self.grammars = GrammarCompiler(lambda: detokenizer.grammar_tokenizer(vocab_size, eos_ids))
         self.detokenizers: dict[tuple[str, int], SequenceDetokenizer] = {}  # by seq_id
 
     def _check_weights_fit(self) -> None:
@@ -88,6 +93,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_request(prompt_token_ids, params)
         choices = [Sequence(request_id, list(prompt_token_ids), _choice_params(params, j), j) for j in range(params.n)]
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured output needs a tokenizer: this engine was built without one")
+            for seq in choices:  # compiled once (cached by schema), one matcher per choice
+                seq.grammar = self.grammars.matcher(params.structured_outputs)
         self.requests[request_id] = choices
         for seq in choices:
             if params.prompt_logprobs is not None:
@@ -170,6 +180,8 @@ class LLMEngine:
             return None
         is_first = seq.num_output_tokens == 0
         seq.append_token(token_id)
+        if seq.grammar is not None and token_id not in self.stop_token_ids and not seq.grammar.consume_token(token_id):
+            logger.warning("request %s left its grammar: %s", seq.request_id, seq.grammar.get_error())
         out = StreamOutput(
             request_id=seq.request_id,
             index=seq.index,
@@ -195,6 +207,8 @@ class LLMEngine:
             reason, stop_reason = None, None
             if detok and detok.is_stopped:
                 reason, stop_reason = "stop", detok.stop_reason
+            elif seq.grammar is not None and seq.grammar.is_stopped():  # complete: only an end can follow
+                reason = "stop"
             elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
                 reason = "length"
             elif seq.num_tokens >= self.max_model_len:

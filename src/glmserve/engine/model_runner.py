@@ -17,6 +17,7 @@ from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
 from glmserve.engine.sequence import Sequence
+from glmserve.engine.structured_output import fill_bitmasks
 
 
 @dataclass
@@ -144,6 +145,8 @@ class ModelRunner:
     def _sample(self, batch: ScheduledBatch, inputs: _Inputs, hidden: torch.Tensor, result: StepResult) -> None:
         seqs = [batch.seqs[i] for i in inputs.sample_seq_indices]
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
+        grammar_rows = [row for row, s in enumerate(seqs) if s.grammar is not None]
+        bitmask = fill_bitmasks([seqs[row].grammar for row in grammar_rows], logits.shape[1]) if grammar_rows else None
         sampling = build_sampling_batch(
             [s.params for s in seqs],
             [s.token_ids if s.params.repetition_penalty != 1.0 else [] for s in seqs],
@@ -151,6 +154,8 @@ class ModelRunner:
             [self._banned_ids(s) for s in seqs],
             [self._generator(s) for s in seqs],
             self.device,
+            grammar_rows,
+            bitmask,
         )
         token_ids, _ = sample(logits, sampling)
         token_list = token_ids.tolist()
@@ -175,7 +180,7 @@ class ModelRunner:
             result.prompt_logprobs[seq_index] = (first_target, entries)
 
     def _banned_ids(self, seq: Sequence) -> list[int]:
-        if seq.num_output_tokens >= seq.params.min_tokens:
+        if seq.num_output_tokens >= seq.params.min_tokens or seq.grammar is not None:  # a grammar says when to end
             return []
         eos = [] if seq.params.ignore_eos else self.eos_token_ids
         return eos + seq.params.stop_token_ids

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Batched sampling: grammar masks, penalties, temperature, top-k, top-p, per-request seeds, logprobs.
 
 All rows are handled by batched tensor ops; the only per-row loop draws seeded noise for
 requests that asked for a seed (each has its own generator, so its output does not depend
@@ -14,6 +14,7 @@ import torch
 
 from glmserve.engine.kernels import native
 from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.structured_output import allowed_tokens
 
 
 @dataclass
@@ -30,9 +31,12 @@ class SamplingBatch:
     output_token_ids: torch.Tensor | None  # [N, S'] output ids padded with -1, for presence/frequency
     banned_token_ids: torch.Tensor | None  # [N, B] ids masked out (stop ids before min_tokens), -1 pad
     generators: list[torch.Generator | None]
-    num_logprobs: int  # max top-k logprobs over the rows; -1 when no row wants them
-    all_greedy: bool
-    any_top_p_or_k: bool
+    # Rows under a grammar (structured output) and their allowed tokens as bits: [M], [M, ceil(V/32)]
+    grammar_rows: torch.Tensor | None = None
+    grammar_bitmask: torch.Tensor | None = None
+    num_logprobs: int = -1  # max top-k logprobs over the rows; -1 when no row wants them
+    all_greedy: bool = True
+    any_top_p_or_k: bool = False
 
 
 def build_sampling_batch(
@@ -42,7 +46,11 @@ def build_sampling_batch(
     banned: list[list[int]],
     generators: list[torch.Generator | None],
     device: torch.device,
+    grammar_rows: list[int] | None = None,
+    grammar_bitmask: torch.Tensor | None = None,
 ) -> SamplingBatch:
+    """`grammar_bitmask` [M, ceil(V/32)] int32 (structured_output.fill_bitmasks) holds the allowed
+    tokens of rows `grammar_rows`; other rows are not masked and pay nothing."""
     def column(values, dtype=torch.float32):
         return torch.tensor(values, dtype=dtype, device=device)
 
@@ -59,6 +67,8 @@ def build_sampling_batch(
         output_token_ids=_pad(outputs, device) if any_pf else None,
         banned_token_ids=_pad(banned, device) if any(banned) else None,
         generators=generators,
+        grammar_rows=torch.tensor(grammar_rows, device=device) if grammar_rows else None,
+        grammar_bitmask=grammar_bitmask.to(device, non_blocking=True) if grammar_rows else None,
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
         all_greedy=all(p.is_greedy for p in params),
         any_top_p_or_k=any(p.top_p < 1.0 or p.top_k > 0 for p in params),
@@ -75,6 +85,16 @@ def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.float32, device=ids.device)
     counts.scatter_add_(1, ids.where(ids >= 0, vocab_size), torch.ones_like(ids, dtype=torch.float32))
     return counts[:, :vocab_size]
+
+
+def apply_grammar_masks(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Tokens a row's grammar does not allow next get -inf (a new tensor; `logits` is kept for logprobs)."""
+    if batch.grammar_rows is None:
+        return logits
+    rows = batch.grammar_rows
+    allowed = allowed_tokens(batch.grammar_bitmask, logits.shape[1])
+    masked = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    return logits.index_copy(0, rows, masked)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -119,7 +139,7 @@ def _exponential_noise(shape, generators, device) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] float32 -> (token ids [N], the processed logits used for sampling)."""
-    logits = apply_penalties(logits, batch)
+    logits = apply_penalties(apply_grammar_masks(logits, batch), batch)
     greedy_ids = argmax_rows(logits)
     if batch.all_greedy:
         return greedy_ids, logits

@@ -2,9 +2,70 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 MAX_LOGPROBS = 20
+MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar longer than this is refused
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the output must match, exactly one of (vLLM's StructuredOutputsParams / older
+    GuidedDecodingParams): a JSON schema, any JSON object, a regex, one of some strings, or a
+    grammar (GBNF / EBNF as llama.cpp writes it, or llguidance's Lark). Enforced while decoding:
+    each step only tokens that keep the output inside the grammar can be drawn."""
+
+    json: str | dict | None = None  # a JSON schema (object or its text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None  # any JSON object
+
+    def __post_init__(self) -> None:
+        chosen = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError(
+                "structured outputs need exactly one of json, regex, choice, grammar, json_object"
+                + (f"; got {', '.join(chosen)}" if chosen else "")
+            )
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as error:
+                raise ValueError(f"the JSON schema is not valid JSON: {error}") from None
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise ValueError("a JSON schema must be an object")
+        if len(self.key) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"the {self.kind} is too large ({len(self.key)} characters; at most {MAX_GRAMMAR_CHARS})")
+
+    @classmethod
+    def of(cls, value: Any) -> StructuredOutputsParams | None:
+        """From a StructuredOutputsParams, a dict of its fields, or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"unknown structured output fields: {', '.join(sorted(unknown))}")
+            return cls(**value)
+        raise ValueError(f"structured outputs must be a dict or StructuredOutputsParams, not {type(value).__name__}")
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    @property
+    def key(self) -> str:
+        """The kind and its text: what compiled grammars are cached by."""
+        value = getattr(self, self.kind)
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return f"{self.kind}:{text}"
 
 
 @dataclass
@@ -26,8 +87,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-k logprobs per prompt token (plus the actual one)
     skip_special_tokens: bool = True
     n: int = 1
+    # The output must match a JSON schema, regex, choice or grammar (engine/structured_output.py).
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    guided_decoding: StructuredOutputsParams | dict | None = None  # vLLM's older name for the same
 
     def __post_init__(self) -> None:
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding, not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

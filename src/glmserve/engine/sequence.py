@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from glmserve.engine.sampling_params import SamplingParams
 
@@ -35,6 +36,9 @@ class Sequence:
     num_preemptions: int = 0
     # [None, {token_id: logprob}, ...] filled as prefill chunks run; kept across preemptions.
     prompt_logprobs: list | None = None
+    # Structured output: the grammar's matcher (llguidance), advanced by each output token. It
+    # lives with the sequence, so preemption (which recomputes KV, never tokens) leaves it valid.
+    grammar: Any = None
 
     @property
     def seq_id(self) -> tuple[str, int]:

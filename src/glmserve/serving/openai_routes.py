@@ -26,7 +26,7 @@ from glmserve.serving.streaming import (
     until_disconnected,
     with_first,
 )
-from glmserve.serving.tool_calls import ToolPlan, choose_required_tool, plan_tools
+from glmserve.serving.tool_calls import ToolPlan, plan_tools
 
 router = APIRouter()
 SSE_MEDIA_TYPE = "text/event-stream"
@@ -64,11 +64,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     body.check_supported()
     service = _service(request)
     model = service.model(body.model)
-    plan = plan_tools(model.tokenizer, body.tools, body.tool_choice)
     options = body.sampling_options()
+    plan = plan_tools(model.tokenizer, body.tools, body.tool_choice, body.parallel_tool_calls, options["structured_outputs"])
+    plan.apply(options)
     prompt_ids = service.chat_prompt_ids(model, body.message_dicts(), plan.tools, options["max_tokens"])
-    if plan.choose_among:  # "required" with several tools: the model picks which one
-        plan.prefill = f"{await choose_required_tool(service, model, prompt_ids, plan.choose_among)}\n"
     prompt_ids += plan.prompt_suffix_ids(model.tokenizer)  # a forced call's header
     params = service.sampling_params(model, len(prompt_ids), **options)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from glmserve.engine.sampling_params import StructuredOutputsParams
 from glmserve.serving.errors import InvalidRequest
+from glmserve.serving.structured_outputs import GUIDED_FIELDS, structured_outputs_of
 
 
 class StreamOptions(BaseModel):
@@ -43,9 +45,22 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output (serving/structured_outputs.py): OpenAI's, and vLLM's two spellings
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: there is one backend
+    structured_outputs: dict[str, Any] | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        guided = {name: getattr(self, name) for name in GUIDED_FIELDS}
+        return structured_outputs_of(self.response_format, guided, self.structured_outputs)
 
     def sampling_options(self) -> dict[str, Any]:
         return {
+            "structured_outputs": self.structured(),
             "n": self.n,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -83,16 +98,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise InvalidRequest(
-                f"response_format type {kind!r} is not supported yet (no structured output): "
-                "send {'type': 'text'} or leave it out",
-                param="response_format",
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
 
@@ -167,6 +174,7 @@ class ClassicChatRequest(BaseModel):
     temperature: Number = None
     system: str | None = None
     stream: bool = False
+    response_format: dict[str, Any] | None = None  # as OpenAI's (serving/structured_outputs.py)
 
     def messages(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -176,4 +184,8 @@ class ClassicChatRequest(BaseModel):
         return [*system, *turns, {"role": "user", "content": self.prompt}]
 
     def sampling_options(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "structured_outputs": structured_outputs_of(self.response_format),
+        }

@@ -1,22 +1,28 @@
-"""OpenAI tool calling on ChatGLM3 / GLM-4: tool_choice, the forced call header, and turning the
-model's output (whole or streamed) into `tool_calls` with finish_reason "tool_calls".
+"""OpenAI tool calling on ChatGLM3 / GLM-4: tool_choice, the grammar a call is generated under, and
+turning the model's output (whole or streamed) into `tool_calls` with finish_reason "tool_calls".
 
-- auto: tools in the prompt, the output parsed;
+- auto: tools in the prompt; the model answers (an empty metadata line, then text) or calls tools,
+  and a call's name and arguments are generated under a grammar (chat/tool_grammar.py), so it
+  always parses and matches the tool's parameters;
 - none: no tools in the prompt (the model cannot call one), the output is plain content;
 - a named function, or required with a single tool: the prompt ends in `{name}\\n` after
-  `<|assistant|>` (the call's header, prefilled), so the model can only write that call's arguments;
-- required with several tools: the model must call one of them. Each tool's call header
-  `{name}\n` is scored by the model's own log-probability after the prompt (one batched
-  request, prompt logprobs, one token each), and the likeliest header is prefilled as above.
-Models of other families keep the previous behaviour: tools go to their chat template, unparsed.
+  `<|assistant|>` (the call's header, prefilled) and the arguments follow the tool's schema;
+- required with several tools: the model must call one of them (the grammar holds only calls), and
+  picks which.
+With parallel_tool_calls (the default) the model may write several calls, `<|assistant|>` between
+them, as the chat formats render them. Models of other families keep the previous behaviour:
+tools go to their chat template, unparsed.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from glmserve.chat import tool_grammar
 from glmserve.chat.tool_parsers import GLMToolParser, ToolCallStreamer, tool_parser_for
+from glmserve.engine.sampling_params import StructuredOutputsParams
 from glmserve.serving.errors import InvalidRequest
 
 
@@ -25,10 +31,17 @@ class ToolPlan:
     tools: list | None  # what the chat template lists
     prefill: str = ""  # forced call header, already part of the prompt
     parser: GLMToolParser | None = None
-    choose_among: list[str] | None = None  # "required" with several tools: pick a header first
+    grammar: str | None = None  # Lark: what the model may write (calls, or an answer)
 
     def prompt_suffix_ids(self, tokenizer: Any) -> list[int]:
         return tokenizer.encode(self.prefill, add_special_tokens=False) if self.prefill else []
+
+    def apply(self, options: dict) -> None:
+        """Sampling options for the plan: the grammar replaces the request's own format (kept
+        inside it for auto's plain answer), and the text keeps `<|assistant|>` between calls."""
+        if self.grammar is not None:
+            options["structured_outputs"] = StructuredOutputsParams(grammar=self.grammar)
+            options["skip_special_tokens"] = False
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
         """The assistant message of a whole output, and its finish reason."""
@@ -65,7 +78,14 @@ class ChoiceStream:
         return reason
 
 
-def plan_tools(tokenizer: Any, tools: list | None, tool_choice: str | dict | None) -> ToolPlan:
+def plan_tools(
+    tokenizer: Any,
+    tools: list | None,
+    tool_choice: str | dict | None,
+    parallel_tool_calls: bool | None = None,
+    answer_format: StructuredOutputsParams | None = None,
+) -> ToolPlan:
+    """`answer_format`: the request's response_format, which a plain answer (auto) must follow."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise InvalidRequest("tool_choice needs tools", param="tool_choice")
@@ -82,34 +102,34 @@ def plan_tools(tokenizer: Any, tools: list | None, tool_choice: str | dict | Non
         if forced or tool_choice == "required":
             raise InvalidRequest("forcing a tool call needs a ChatGLM3 or GLM-4 model", param="tool_choice")
         return ToolPlan(tools)
-    if tool_choice == "required" and not forced:
-        return ToolPlan(tools, "", parser, choose_among=[n for n in names if n])
-    return ToolPlan(tools, f"{forced}\n" if forced else "", parser)
+    functions = [t["function"] for t in tools if _tool_name(t)]
+    parallel = parallel_tool_calls is not False
+    if forced:
+        function = next(f for f in functions if f["name"] == forced)
+        return ToolPlan(tools, f"{forced}\n", parser, tool_grammar.arguments_grammar(parser, function))
+    if not functions:  # only built-in tools (GLM-4's python, cogview, ...): their calls are not schemas
+        return ToolPlan(tools, "", parser)
+    if tool_choice == "required":
+        return ToolPlan(tools, "", parser, tool_grammar.calls_grammar(parser, functions, parallel))
+    answer = _answer_rule(answer_format)
+    return ToolPlan(tools, "", parser, tool_grammar.auto_grammar(parser, functions, parallel, answer))
 
 
-async def choose_required_tool(service: Any, model: Any, prompt_ids: list[int], names: list[str]) -> str:
-    """The tool whose call header the model finds likeliest after `prompt_ids` (sum of the
-    header tokens' log-probabilities: the model's own choice, constrained to a real call)."""
-    from glmserve.engine.sampling_params import SamplingParams
-    from glmserve.serving.service import collect
-
-    headers = [model.tokenizer.encode(f"{name}\n", add_special_tokens=False) for name in names]
-    params = [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)] * len(names)
-    events = service.generate(model, [prompt_ids + h for h in headers], params)
-    completions = await collect(events, len(names))
-    start = len(prompt_ids)
-    scores = [
-        sum(entry[token] for entry, token in zip(c.prompt_logprobs[start:], header, strict=True))
-        for c, header in zip(completions, headers, strict=True)
-    ]
-    return names[max(range(len(names)), key=scores.__getitem__)]
+def _answer_rule(answer_format: StructuredOutputsParams | None) -> str | None:
+    if answer_format is None:
+        return None
+    if answer_format.json is not None or answer_format.json_object:
+        return "%json " + json.dumps(answer_format.json if answer_format.json is not None else {"type": "object"})
+    raise InvalidRequest(
+        f"{answer_format.kind} output cannot be combined with tools; use a JSON schema", param="tools"
+    )
 
 
 def _forced_name(tool_choice: str | dict | None, names: list[str | None]) -> str | None:
     if tool_choice in (None, "auto", "none"):
         return None
     if tool_choice == "required":
-        return names[0] if len(names) == 1 else None  # several: chosen by choose_required_tool
+        return names[0] if len(names) == 1 else None  # several: the model picks, under a grammar
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
         if name not in names:

@@ -127,3 +127,9 @@ class TextDetokenizer:
 
     def start(self, prompt_token_ids: Sequence[int], **options) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, **options)
+
+    def grammar_tokenizer(self, vocab_size: int, eos_ids: Sequence[int]):
+        """The tokenizer as the grammar library sees it (tokenization/grammar_vocab.py)."""
+        from glmserve.tokenization.grammar_vocab import grammar_tokenizer
+
+        return grammar_tokenizer(self.tokenizer, vocab_size, eos_ids)

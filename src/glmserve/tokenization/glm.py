@@ -173,6 +173,10 @@ class GLM4Tokenizer(GLMTokenizer):
     def ordinary_token(self, token_id: int) -> str:
         return self._token_bytes.get(token_id, b"").decode("utf-8", errors="replace")
 
+    def ranks(self) -> dict[bytes, int]:
+        """{token bytes: id} of the ordinary tokens (tiktoken's mergeable ranks)."""
+        return {token: rank for rank, token in self._token_bytes.items()}
+
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     """tiktoken's file format: one `base64(token bytes) rank` per line."""

@@ -70,6 +70,10 @@ class HFTokenizer:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self._parsing.id_to_token(i) for i in ids]
 
+    def backend_json(self) -> str:
+        """The serialized `tokenizers.Tokenizer` (tokenizer.json's format)."""
+        return self._parsing.to_str()
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping],
