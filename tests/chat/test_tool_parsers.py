@@ -82,3 +82,26 @@ def test_streamed_plain_text_flows(step):
     prose = "Sure, here is the answer without a metadata line."
     deltas, _ = stream(ChatGLM3ToolParser({"get_weather"}), prose, 5)
     assert len(deltas) > 1 and "".join(d["content"] for d in deltas) == prose  # not held to the end
+
+
+@pytest.mark.parametrize(
+    ("parser", "calls"),
+    [
+        (GLM4ToolParser({"a", "b"}), ['a\n{"x": 1}', 'b\n{"y": [true, null]}']),
+        (ChatGLM3ToolParser({"a", "b"}), [' a\n```python\ntool_call(x=1)\n```', 'b\n```python\ntool_call(y=[true, null])\n```']),
+    ],
+)
+def test_parallel_calls_split_on_assistant_whole_and_streamed(parser, calls):
+    text = "<|assistant|>".join(calls)
+    expected = [("a", {"x": 1}), ("b", {"y": [True, None]})]
+    assert [(c.name, json.loads(c.arguments)) for c in parser.parse(text).tool_calls] == expected
+    streamer = parser.streamer()
+    first = streamer.feed(text[: len(calls[0]) + len("<|assistant|>") + 1])
+    assert [d["tool_calls"][0]["function"]["name"] for d in first] == ["a"]  # sent once complete
+    rest = streamer.feed(text[len(calls[0]) + len("<|assistant|>") + 1 :]) + streamer.finish()
+    assert [(d["tool_calls"][0]["index"], d["tool_calls"][0]["function"]["name"]) for d in rest] == [(1, "b")]
+
+
+def test_a_parallel_turn_with_prose_is_content():
+    text = 'a\n{"x": 1}<|assistant|>\nsome prose'
+    assert GLM4ToolParser({"a"}).parse(text).content == text

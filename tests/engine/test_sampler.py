@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
@@ -80,3 +82,31 @@ def test_topk_logprobs_are_log_softmax():
     norm = math.log(sum(math.exp(x) for x in (1.0, 2.0, 3.0)))
     assert abs(chosen.item() - (1.0 - norm)) < 1e-6
     assert ids.tolist() == [[2, 1]] and abs(values[0, 0].item() - (3.0 - norm)) < 1e-6
+
+
+def bitmask_allowing(allowed: list[list[int]], vocab_size: int) -> torch.Tensor:
+    words = np.zeros((len(allowed), (vocab_size + 31) // 32), dtype=np.uint32)
+    for row, ids in enumerate(allowed):
+        for i in ids:
+            words[row, i // 32] |= np.uint32(1 << (i % 32))
+    return torch.from_numpy(words.view(np.int32))
+
+
+@pytest.mark.parametrize("native_kernels", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_grammar_rows_draw_only_allowed_tokens(monkeypatch, native_kernels, temperature):
+    if not native_kernels:
+        monkeypatch.setattr("glmserve.engine.sampler.native.load", lambda: False)
+    vocab_size = 100
+    logits = torch.randn(3, vocab_size)
+    raw = logits.clone()
+    allowed = [[5, 31, 32, 99], [0]]  # rows 0 and 2 constrained; row 1 free
+    params = [SamplingParams(temperature=temperature, logprobs=1)] * 3
+    batch = build_sampling_batch(params, [[]] * 3, [[]] * 3, [[]] * 3, [None] * 3, torch.device("cpu"),
+                                 [0, 2], bitmask_allowing(allowed, vocab_size))  # fmt: skip
+    for _ in range(20):
+        ids, processed = sample(logits, batch)
+        assert ids[0].item() in allowed[0] and ids[2].item() == 0
+        assert ids[1].item() == raw[1].argmax().item() or temperature > 0
+    assert torch.equal(logits, raw)  # logprobs wanted: the model's logits are kept
+    assert torch.isinf(processed[0]).sum() == vocab_size - 4 and not torch.isinf(processed[1]).any()

@@ -19,6 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from glmserve.chat.tool_parsers import ChatGLM3ToolParser, GLMToolParser
+from glmserve.engine.sampling_params import JSON_OPTIONS
 
 ANY_TEXT = "/(?s:.*)/"
 ANY_OBJECT = {"type": "object"}
@@ -51,7 +52,7 @@ def _arguments(parser: GLMToolParser, tool: Mapping, prefix: str) -> tuple[str, 
     """(a rule body for the call's arguments, the rules it uses, named `{prefix}_...`)."""
     parameters = tool.get("parameters") or ANY_OBJECT
     if not isinstance(parser, ChatGLM3ToolParser):
-        return _json(parameters), []
+        return json_rule(parameters), []
     body, rules = _keyword_arguments(parameters, prefix)
     return f'" "? "```python\\ntool_call(" {body} ")\\n```"', rules
 
@@ -68,7 +69,7 @@ def _keyword_arguments(parameters: Mapping, prefix: str) -> tuple[str, list[str]
     n = len(properties)
     rules = [f'{prefix}_first_{n}: ""', f'{prefix}_rest_{n}: ""']
     for i, (name, schema) in enumerate(properties.items()):
-        value = f"{_literal(name + '=')} {_json({**schema, **defs})}"
+        value = f"{_literal(name + '=')} {json_rule({**schema, **defs})}"
         first, rest = f"{value} {prefix}_rest_{i + 1}", f'", " {value} {prefix}_rest_{i + 1}'
         if name not in required:
             first, rest = f"{first} | {prefix}_first_{i + 1}", f"{rest} | {prefix}_rest_{i + 1}"
@@ -76,8 +77,11 @@ def _keyword_arguments(parameters: Mapping, prefix: str) -> tuple[str, list[str]
     return f"{prefix}_first_0", rules
 
 
-def _json(schema: Mapping) -> str:
-    return "%json " + json.dumps(schema, ensure_ascii=False)
+def json_rule(schema: Mapping) -> str:
+    """A Lark rule body for JSON under `schema`, in JSON_OPTIONS' style (json.dumps' separators, no
+    free whitespace, which a model can otherwise pad forever)."""
+    options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
 
 
 def _literal(text: str) -> str:

@@ -149,8 +149,9 @@ def _unfence(content: str) -> str:
 
 class ToolCallStreamer:
     """Streams one choice: text that may still be a call's metadata line is held back; once the
-    line is complete, a plain answer flows on as content and a call is held to the end, then sent
-    as `delta.tool_calls` (or, if it does not parse, as content)."""
+    line is complete, a plain answer flows on as content and a call is held until it is complete
+    (the next call's `<|assistant|>`, or the end), then sent as `delta.tool_calls` (or, if it does
+    not parse, as content)."""
 
     def __init__(self, parser: GLMToolParser):
         self.parser = parser
@@ -172,18 +173,34 @@ class ToolCallStreamer:
         if self.mode == "content":
             return [{"content": text.rstrip()}] if text.rstrip() else []
         parsed = self.parser.parse(text)
-        self.tool_calls = parsed.tool_calls
         if not parsed.tool_calls:
             return [{"content": parsed.content}] if parsed.content else []
-        return [_call_delta(i, call) for i, call in enumerate(parsed.tool_calls)]
+        return self._send(parsed.tool_calls)
+
+    def _send(self, calls: list[ToolCall]) -> list[dict]:
+        first = len(self.tool_calls)
+        self.tool_calls += calls
+        return [_call_delta(first + i, call) for i, call in enumerate(calls)]
 
     def _feed(self, delta: str) -> list[dict]:
         self.held += delta
         if self.mode == "call":
-            return []
+            return self._completed_calls()
         if self.mode == "head":
             return self._read_head()
         return self._flow()
+
+    def _completed_calls(self) -> list[dict]:
+        """Calls followed by `<|assistant|>` are complete: sent now, the rest held."""
+        deltas = []
+        while CALL_SEPARATOR in self.held:
+            segment, _, rest = self.held.partition(CALL_SEPARATOR)
+            parsed = self.parser.parse(segment)
+            if not parsed.tool_calls:
+                break  # not a call after all: all of it goes out at the end
+            deltas += self._send(parsed.tool_calls)
+            self.held = rest
+        return deltas
 
     def _read_head(self) -> list[dict]:
         metadata, newline, rest = self.held.partition("\n")
@@ -196,7 +213,7 @@ class ToolCallStreamer:
             self.held, self.mode = rest, "content"  # the empty metadata line of a plain answer
             return self._flow()
         self.mode = "call" if self.parser._is_known(metadata.strip()) else "content"
-        return [] if self.mode == "call" else self._flow()
+        return self._completed_calls() if self.mode == "call" else self._flow()
 
     def _flow(self) -> list[dict]:
         """Plain content: leading whitespace dropped, trailing whitespace held (THUDM strips both)."""

@@ -88,10 +88,15 @@ def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def apply_grammar_masks(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Tokens a row's grammar does not allow next get -inf (a new tensor; `logits` is kept for logprobs)."""
+    """Tokens a row's grammar does not allow next get -inf. In place, unless logprobs are wanted
+    (they are the model's own, from the unmasked logits)."""
     if batch.grammar_rows is None:
         return logits
     rows = batch.grammar_rows
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() and native.load():
+        out = logits.clone() if batch.num_logprobs >= 0 else logits
+        torch.ops.glmserve.apply_token_bitmask_(out, rows, batch.grammar_bitmask)
+        return out
     allowed = allowed_tokens(batch.grammar_bitmask, logits.shape[1])
     masked = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
     return logits.index_copy(0, rows, masked)
@@ -138,7 +143,8 @@ def _exponential_noise(shape, generators, device) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, V] float32 -> (token ids [N], the processed logits used for sampling)."""
+    """logits [N, V] float32 -> (token ids [N], the processed logits used for sampling). Grammar
+    rows of `logits` are masked in place unless the batch wants logprobs."""
     logits = apply_penalties(apply_grammar_masks(logits, batch), batch)
     greedy_ids = argmax_rows(logits)
     if batch.all_greedy:

@@ -8,6 +8,10 @@ from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar longer than this is refused
+# JSON as models are trained to write it (Python's json.dumps: ", " and ": "), with no free
+# whitespace (a small model given free whitespace can pad forever). llguidance's JSON options,
+# applied before a schema's own "x-guidance" ones.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass

@@ -21,12 +21,9 @@ from typing import Any
 
 import torch
 
-from glmserve.engine.sampling_params import StructuredOutputsParams
+from glmserve.engine.sampling_params import JSON_OPTIONS, StructuredOutputsParams
 
 MAX_CACHED_GRAMMARS = 256
-# JSON as models write it: ", " and ": " separators, no free whitespace (a small model given free
-# whitespace can pad forever). Applied before a schema's own "x-guidance" options.
-JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 def grammar_text(params: StructuredOutputsParams) -> str:
@@ -81,8 +78,9 @@ class GrammarCompiler:
 
 
 def fill_bitmasks(matchers: Sequence[Any], vocab_size: int) -> torch.Tensor:
-    """[M, ceil(V / 32)] int32 on CPU: bit j of word w set when token 32 w + j may come next. Rows are
-    filled in parallel by llguidance's thread pool, off the GIL."""
+    """[M, ceil(V / 32)] int32 on CPU (V: the model's vocabulary, which the grammar tokenizer is sized
+    to): bit j of word w set when token 32 w + j may come next. Rows are filled in parallel by
+    llguidance's thread pool, off the GIL."""
     from llguidance.torch import fill_next_token_bitmask_par
 
     bitmask = torch.empty(len(matchers), (vocab_size + 31) // 32, dtype=torch.int32)

@@ -16,7 +16,6 @@ tools go to their chat template, unparsed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +118,7 @@ def _answer_rule(answer_format: StructuredOutputsParams | None) -> str | None:
     if answer_format is None:
         return None
     if answer_format.json is not None or answer_format.json_object:
-        return "%json " + json.dumps(answer_format.json if answer_format.json is not None else {"type": "object"})
+        return tool_grammar.json_rule(answer_format.json if answer_format.json is not None else {"type": "object"})
     raise InvalidRequest(
         f"{answer_format.kind} output cannot be combined with tools; use a JSON schema", param="tools"
     )

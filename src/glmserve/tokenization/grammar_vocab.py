@@ -9,7 +9,7 @@ grammar library can tell, for each step, which tokens keep the output inside a g
 - ChatGLM2/3 and Baichuan (SentencePiece): each piece's bytes ("▁" is a space, `<0xAB>` one byte).
 Special tokens are never allowed inside grammar text; `eos_ids` (every id that ends an answer) are
 allowed once the grammar is complete. `vocab_size` is the model's (embeddings are often padded past
-the tokenizer): ids past the tokenizer are never allowed.
+the tokenizer), the size of every bitmask: ids past the tokenizer are never allowed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -
     from glmserve.tokenization.glm import GLM4_PATTERN, GLM4Tokenizer
     from glmserve.tokenization.hf import HFTokenizer
 
-    n_vocab = max(vocab_size, tokenizer.vocab_size)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer's {tokenizer.vocab_size} tokens exceed the model's vocabulary of {vocab_size}")
+    n_vocab = vocab_size
     eos = sorted(set(eos_ids))
     if isinstance(tokenizer, HFTokenizer):
         return llguidance.LLTokenizer(tokenizer.backend_json(), n_vocab=n_vocab, eos_token=eos)
@@ -39,29 +41,36 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -
             n_vocab=n_vocab,
         )
     if hasattr(tokenizer, "sp"):  # ChatGLM2/3, Baichuan
-        wrapper = llguidance.TokenizerWrapper(_SentencePieceVocab(tokenizer, eos[0]))
-        return llguidance.LLTokenizer(wrapper, n_vocab=n_vocab, eos_token=eos)
+        vocab = _SentencePieceVocab(tokenizer, eos[0], n_vocab)
+        vocab.ll_tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocab), n_vocab=n_vocab, eos_token=eos)
+        return vocab.ll_tokenizer
     raise ValueError(f"structured output does not support {type(tokenizer).__name__} tokenizers")
 
 
 class _SentencePieceVocab:
-    """What llguidance.TokenizerWrapper reads: token bytes, special ids, and a way to tokenize."""
+    """What llguidance.TokenizerWrapper reads: token bytes, special ids, and a way to tokenize text
+    (grammar literals). That is a greedy longest match over the token bytes, not SentencePiece's
+    encode: encode adds a dummy-prefix space ("\\n" -> "▁", "\\n"), which llguidance would take as
+    the bytes of the text itself."""
 
-    def __init__(self, tokenizer: Any, eos_token_id: int):
+    def __init__(self, tokenizer: Any, eos_token_id: int, n_vocab: int):
         sp = tokenizer.sp
         self.eos_token_id = eos_token_id
         self.bos_token_id = tokenizer.bos_token_id
         self.tokens = [_piece_bytes(sp, i) for i in range(sp.vocab_size())]
-        special = {i: text for text, i in tokenizer.special_ids.items()}
+        special = {i: f"<|padding_{i}|>" for i in range(sp.vocab_size(), n_vocab)}  # the wrapper's size is len(tokens)
+        special.update({i: text for text, i in tokenizer.special_ids.items()})
         special.update({i: sp.id_to_piece(i) for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)})
         for i, text in sorted(special.items()):
             self.tokens += [b""] * (i + 1 - len(self.tokens))
             self.tokens[i] = SPECIAL_PREFIX + text.encode()
         self.special_token_ids = sorted(special)
-        self._tokenizer = tokenizer
+        self.ll_tokenizer = None  # set once built; only then is __call__ used
 
-    def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
+    def __call__(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self.ll_tokenizer.greedy_tokenize(text)
 
 
 def _piece_bytes(sp: Any, i: int) -> bytes:

@@ -12,6 +12,8 @@
 //   decode_attention(q [B, H, D], k_cache, v_cache [KVH, blocks, block_size, D], block_tables [B, max_blocks],
 //                    context_lens [B], scale, alibi_slopes [H]?) -> [B, H * D]
 //   argmax_rows(x [N, V] float32) -> [N] int64        torch.argmax(x, -1), vectorized
+//   apply_token_bitmask_(logits [N, V] float32, rows [M] int64, bitmask [M, W] int32)
+//                        logits[rows[i], t] = -inf where bit t of bitmask[i] is clear (grammars)
 // Rows may be strided (views of a merged projection); the last dimension must be contiguous.
 
 #include <ATen/ATen.h>
@@ -597,6 +599,37 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// One row: words of all ones (all allowed) are skipped, words of zeros filled; what a grammar
+// allows is usually either almost everything (inside a string) or a handful of tokens.
+GLMSERVE_CLONES void mask_row(float* row, const uint32_t* bits, int64_t v) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t base = 0, w = 0; base < v; base += 32, ++w) {
+    const uint32_t b = bits[w];
+    if (b == 0xFFFFFFFFu) continue;
+    const int64_t n = std::min<int64_t>(32, v - base);
+    for (int64_t j = 0; j < n; ++j) {
+      if (!((b >> j) & 1u)) row[base + j] = ninf;
+    }
+  }
+}
+
+void apply_token_bitmask_(at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
+              "glmserve: apply_token_bitmask_ wants contiguous float32 logits [N, V]");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous() && bitmask.scalar_type() == at::kInt &&
+                  bitmask.dim() == 2 && bitmask.is_contiguous() && bitmask.size(0) == rows.size(0) &&
+                  bitmask.size(1) * 32 >= logits.size(1),
+              "glmserve: apply_token_bitmask_ wants rows [M] int64 and a contiguous bitmask [M, >= V/32] int32");
+  const int64_t n = logits.size(0), v = logits.size(1), m = rows.size(0), words = bitmask.size(1);
+  const int64_t* row_ids = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i) TORCH_CHECK(row_ids[i] >= 0 && row_ids[i] < n, "glmserve: a grammar row is out of range");
+  float* data = logits.data_ptr<float>();
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>());
+  at::parallel_for(0, m, grain(m, v / 8), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) mask_row(data + row_ids[i] * v, bits + i * words, v);
+  });
+}
+
 }  // namespace decode_ops
 }  // namespace glmserve
 
@@ -609,6 +642,7 @@ TORCH_LIBRARY_FRAGMENT(glmserve, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale, "
         "Tensor? alibi_slopes) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(glmserve, CPU, m) {
@@ -619,4 +653,5 @@ TORCH_LIBRARY_IMPL(glmserve, CPU, m) {
   m.impl("write_kv_", &glmserve::decode_ops::write_kv_);
   m.impl("decode_attention", &glmserve::decode_ops::decode_attention);
   m.impl("argmax_rows", &glmserve::decode_ops::argmax_rows);
+  m.impl("apply_token_bitmask_", &glmserve::decode_ops::apply_token_bitmask_);
 }
