@@ -99,6 +99,25 @@ def test_generate_keeps_order_and_reports_bad_lines(tmp_path: Path, bundled_gguf
     assert "3 ok, 4 failed" in proc.stderr
 
 
+def test_generate_lines_with_structured_output(bundled_gguf: Path):
+    schema = {"type": "object", "properties": {"capital": {"enum": ["Paris", "Rome"]}}, "required": ["capital"],
+              "additionalProperties": False}  # fmt: skip
+    lines = [
+        {"messages": [{"role": "user", "content": "Capital of France?"}],
+         "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}},
+        {"prompt": "Is water wet?", "structured_outputs": {"choice": ["yes", "no"]}},
+        {"prompt": "x", "structured_outputs": {"regex": "(unclosed"}},
+        {"prompt": "x", "response_format": {"type": "xml"}},
+    ]  # fmt: skip
+    proc = run_cli("generate", "-i", "-", "-o", "-", "--model", str(bundled_gguf), "--temperature", "0",
+                   stdin="".join(json.dumps(line) + "\n" for line in lines))  # fmt: skip
+    assert_clean(proc)
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert json.loads(records[0]["text"]) == {"capital": "Paris"}
+    assert records[1]["text"] in ("yes", "no")
+    assert "invalid regex" in records[2]["error"] and "xml" in records[3]["error"]
+
+
 def test_generate_stdin_to_stdout(bundled_gguf: Path):
     proc = run_cli("generate", "-i", "-", "-o", "-", "--model", str(bundled_gguf), "--max-tokens", "4",
                    stdin='{"prompt": "One, two,"}\n')  # fmt: skip

@@ -26,7 +26,11 @@ from glmserve.cli.common import (
     make_params,
 )
 from glmserve.engine.sampling_params import SamplingParams
+from glmserve.serving.errors import APIError
+from glmserve.serving.structured_outputs import structured_outputs_of
 
+# As the OpenAI API's response_format, or vLLM's structured_outputs (serving/structured_outputs.py)
+STRUCTURED_FIELDS = ("response_format", "structured_outputs")
 LINE_PARAM_TYPES = {
     "max_tokens": "int",
     "seed": "int",
@@ -78,7 +82,7 @@ def parse_line(text: str, defaults: dict) -> tuple[str | list[dict], SamplingPar
         raise ValueError(f"invalid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object")
-    unknown = sorted(obj.keys() - {"prompt", "messages"} - LINE_PARAM_TYPES.keys())
+    unknown = sorted(obj.keys() - {"prompt", "messages", *STRUCTURED_FIELDS} - LINE_PARAM_TYPES.keys())
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(unknown)}")
     if ("prompt" in obj) == ("messages" in obj):
@@ -91,7 +95,12 @@ def parse_line(text: str, defaults: dict) -> tuple[str | list[dict], SamplingPar
     for name, value in overrides.items():
         if not is_param_type(value, LINE_PARAM_TYPES[name]):
             raise ValueError(f"'{name}' must be of type {LINE_PARAM_TYPES[name]}")
-    return obj.get("prompt", obj.get("messages")), SamplingParams(**{**defaults, **overrides})
+    try:
+        structured = structured_outputs_of(obj.get("response_format"), None, obj.get("structured_outputs"))
+    except APIError as error:
+        raise ValueError(error.message) from None
+    params = SamplingParams(**{**defaults, **overrides}, structured_outputs=structured)
+    return obj.get("prompt", obj.get("messages")), params
 
 
 def read_items(lines: list[str], defaults: dict) -> list[BatchItem]:
@@ -108,9 +117,11 @@ def read_items(lines: list[str], defaults: dict) -> list[BatchItem]:
     return items
 
 
-def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[int] | None:
+def check_item(item: BatchItem, llm: Any) -> list[int] | None:
     """The prompt's token ids; sets item.error for what the engine would refuse (it rejects
-    a whole batch for one bad request), and clamps max_tokens to the room left."""
+    a whole batch for one bad request: a prompt past the context, a schema that does not compile),
+    and clamps max_tokens to the room left."""
+    tokenizer, max_model_len = llm.get_tokenizer(), llm.max_model_len
     try:
         if item.is_chat:
             prompt_ids = tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True)
@@ -125,6 +136,11 @@ def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[
         item.error = "the prompt is empty"
     elif room < 1:
         item.error = f"prompt too long: {len(prompt_ids)} tokens, the context limit is {max_model_len}"
+    if not item.error and item.params.structured_outputs is not None:
+        try:  # compiled here, so that a bad schema fails its own line, not the batch
+            llm.engine.grammars.matcher(item.params.structured_outputs)
+        except ValueError as e:
+            item.error = str(e)
     if item.error:
         return None
     if item.params.max_tokens is None or item.params.max_tokens > room:
@@ -134,12 +150,11 @@ def fit_to_context(item: BatchItem, tokenizer: Any, max_model_len: int) -> list[
 
 def run_batch(llm: Any, items: list[BatchItem]) -> None:
     """Run every runnable item: at most one batched llm.generate and one llm.chat call."""
-    tokenizer = llm.get_tokenizer()
     prompt_ids: dict[int, list[int] | None] = {}
     for item in items:
         if not item.error:
-            prompt_ids[item.index] = fit_to_context(item, tokenizer, llm.max_model_len)
-    runnable = [item for item in items if not item.error]  # fit_to_context may have set errors
+            prompt_ids[item.index] = check_item(item, llm)
+    runnable = [item for item in items if not item.error]  # check_item may have set errors
     texts = [item for item in runnable if not item.is_chat]
     chats = [item for item in runnable if item.is_chat]
     if texts:
@@ -204,7 +219,8 @@ def generate(
     """Run a JSONL file of requests as one batch, with a progress bar.
 
     Each line is {"prompt": "..."} or {"messages": [...]}, optionally with max_tokens,
-    temperature, top_p, stop, seed. Each writes one line, in order: {"index", "text",
+    temperature, top_p, stop, seed, and response_format (as OpenAI's: json_object, json_schema)
+    or structured_outputs (as vLLM's: json, regex, choice, grammar). Each writes one line, in order: {"index", "text",
     "finish_reason", "prompt_tokens", "completion_tokens"}, or {"index", "line", "error"}.
     """
     given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
