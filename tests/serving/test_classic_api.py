@@ -5,13 +5,6 @@ import time
 
 import pytest
 import requests
-from server_process import SMALL_ENGINE, running_server
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(*SMALL_ENGINE) as server:
-        yield server
 
 
 def post(server, path: str = "/", **body):

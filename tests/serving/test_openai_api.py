@@ -2,24 +2,9 @@
 
 import openai
 import pytest
-from server_process import SMALL_ENGINE, running_server
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(*SMALL_ENGINE) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(
-        base_url=server.base_url + "/v1", api_key="unused", timeout=60, max_retries=0
-    ) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

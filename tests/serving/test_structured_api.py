@@ -7,11 +7,9 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 import requests
 from pydantic import BaseModel, Field
-from server_process import SMALL_ENGINE, running_server
 
 WEATHER_SCHEMA = {
     "type": "object",
@@ -30,18 +28,6 @@ class Capital(BaseModel):
     country: str = Field(max_length=40)
     capital: str = Field(max_length=40)
     population_millions: int = Field(ge=0, le=2000)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(*SMALL_ENGINE) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=120, max_retries=0) as client:
-        yield client
 
 
 def test_json_schema_response_format(client):

@@ -28,7 +28,7 @@ class StructuredOutputsParams:
     json_object: bool | None = None  # any JSON object
 
     def __post_init__(self) -> None:
-        chosen = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        chosen = self._given()
         if len(chosen) != 1:
             raise ValueError(
                 "structured outputs need exactly one of json, regex, choice, grammar, json_object"
@@ -45,8 +45,9 @@ class StructuredOutputsParams:
                 raise ValueError(f"the JSON schema is not valid JSON: {error}") from None
         if self.json is not None and not isinstance(self.json, dict | bool):
             raise ValueError("a JSON schema must be an object")
-        if len(self.key) > MAX_GRAMMAR_CHARS:
-            raise ValueError(f"the {self.kind} is too large ({len(self.key)} characters; at most {MAX_GRAMMAR_CHARS})")
+        size = len(self.key)
+        if size > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"the {self.kind} is too large ({size} characters; at most {MAX_GRAMMAR_CHARS})")
 
     @classmethod
     def of(cls, value: Any) -> StructuredOutputsParams | None:
@@ -60,9 +61,12 @@ class StructuredOutputsParams:
             return cls(**value)
         raise ValueError(f"structured outputs must be a dict or StructuredOutputsParams, not {type(value).__name__}")
 
+    def _given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+
     @property
     def kind(self) -> str:
-        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+        return self._given()[0]
 
     @property
     def key(self) -> str:

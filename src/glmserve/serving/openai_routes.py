@@ -122,7 +122,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     service = _service(request)
     model = service.model(body.model)
     prompts = [service.text_prompt_ids(model, p) if isinstance(p, str) else p for p in body.prompt_list()]
-    params = [service.sampling_params(model, len(ids), **body.sampling_options()) for ids in prompts]
+    options = body.sampling_options()  # one parse of the request's fields (its schema too) for every prompt
+    params = [service.sampling_params(model, len(ids), **options) for ids in prompts]
     echoes = _echoes(model, body, prompts)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     events = service.generate(model, prompts, params, request_id)
