@@ -52,5 +52,6 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: float = 0.25  # bytes if > 1, else a fraction of free memory
     enable_prefix_caching: bool = True
+    max_loras: int = 4  # LoRA adapters resident at once (the most one step can mix); others load on demand
     num_threads: int | None = None  # default: physical cores
     seed: int = 0

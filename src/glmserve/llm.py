@@ -26,12 +26,28 @@ class LLM:
     """Load a model (a .gguf file or a Hugging Face folder; default: MODEL_PATH, then the bundled
     SmolLM2) and run batches of prompts together on the same forward passes."""
 
-    def __init__(self, model: str | Path | None = None, dtype: str = "auto", **engine_options: Any):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        dtype: str = "auto",
+        lora_modules: dict[str, str | Path] | None = None,
+        **engine_options: Any,
+    ):
+        """lora_modules: adapter name -> peft LoRA folder, each chosen per call by `lora=name`."""
         self.model_path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.model_path)
         config = EngineConfig(dtype=dtype, **engine_options)
         self.engine = LLMEngine(self.model_path, config, TextDetokenizer(self.tokenizer))
+        for name, path in (lora_modules or {}).items():
+            self.engine.add_lora(name, path)
         self._request_ids = itertools.count()
+
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Serve another LoRA adapter on this model, chosen by `lora=name`."""
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -51,14 +67,16 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Prompts are text (special tokens in it are recognised), {"prompt": text} or
-        {"prompt_token_ids": [...]}; outputs come back in input order."""
+        {"prompt_token_ids": [...]}; outputs come back in input order. `lora`: the adapter of all
+        prompts, or one per prompt (None: the base model); all run in the same batches."""
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         token_lists = [self._prompt_token_ids(p) for p in prompts]
         texts = [p if isinstance(p, str) else (p.get("prompt") if isinstance(p, dict) else None) for p in prompts]
-        return self._run_batch(token_lists, texts, sampling_params, use_tqdm)
+        return self._run_batch(token_lists, texts, sampling_params, use_tqdm, lora)
 
     def chat(
         self,
@@ -67,6 +85,7 @@ class LLM:
         tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool = False,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a batch of them, formatted by the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -75,15 +94,17 @@ class LLM:
             tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=add_generation_prompt)
             for c in conversations
         ]
-        return self._run_batch(token_lists, [None] * len(token_lists), sampling_params, use_tqdm)
+        return self._run_batch(token_lists, [None] * len(token_lists), sampling_params, use_tqdm, lora)
 
     # -- streaming ----------------------------------------------------------------------------
-    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[StreamOutput]:
+    def stream(
+        self, prompt: PromptType, sampling_params: SamplingParams | None = None, lora: str | None = None
+    ) -> Iterator[StreamOutput]:
         """Yield outputs as tokens come (of every choice: `out.index`); closing the iterator early
         aborts the request."""
         request_id = f"stream-{next(self._request_ids)}"
         params = sampling_params or SamplingParams()
-        self.engine.add_request(request_id, self._prompt_token_ids(prompt), params)
+        self.engine.add_request(request_id, self._prompt_token_ids(prompt), params, lora)
         num_running = params.n
         try:
             while num_running:
@@ -95,8 +116,10 @@ class LLM:
             if num_running:
                 self.engine.abort(request_id)
 
-    def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None) -> Iterator[StreamOutput]:
-        return self.stream(self.get_tokenizer().apply_chat_template(messages), sampling_params)
+    def stream_chat(
+        self, messages: Messages, sampling_params: SamplingParams | None = None, lora: str | None = None
+    ) -> Iterator[StreamOutput]:
+        return self.stream(self.get_tokenizer().apply_chat_template(messages), sampling_params, lora)
 
     # -- internals ----------------------------------------------------------------------------
     def _prompt_token_ids(self, prompt: PromptType) -> list[int]:
@@ -112,15 +135,18 @@ class LLM:
             return list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
-    def _run_batch(self, token_lists, texts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run_batch(self, token_lists, texts, sampling_params, use_tqdm: bool, lora=None) -> list[RequestOutput]:
         """One engine request per prompt; the engine runs its n choices (engine/llm_engine.py)."""
         params = _broadcast_params(sampling_params, len(token_lists))
+        loras = [lora] * len(token_lists) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(token_lists):
+            raise ValueError(f"{len(loras)} adapters for {len(token_lists)} prompts")
         requests: dict[str, RequestOutput] = {}
         try:
-            for ids, text, p in zip(token_lists, texts, params, strict=True):
+            for ids, text, p, adapter in zip(token_lists, texts, params, loras, strict=True):
                 request_id = f"{next(self._request_ids)}"
                 choices = [CompletionOutput(j, logprobs=[] if p.logprobs is not None else None) for j in range(p.n)]
-                self.engine.add_request(request_id, ids, p)
+                self.engine.add_request(request_id, ids, p, adapter)
                 requests[request_id] = RequestOutput(request_id, text, ids, choices)
             self._drain(requests, use_tqdm)
         except BaseException:

@@ -49,9 +49,10 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # -- prefix lookup ----------------------------------------------------------------------
-    def _full_block_hashes(self, token_ids: list[int], num_tokens: int) -> list[int]:
-        """Chained hashes of the full blocks among the first `num_tokens` tokens."""
-        hashes, parent = [], None
+    def _full_block_hashes(self, token_ids: list[int], num_tokens: int, salt: int | None = None) -> list[int]:
+        """Chained hashes of the full blocks among the first `num_tokens` tokens; `salt` (a LoRA
+        adapter's id) starts the chain, so blocks computed under different weights never match."""
+        hashes, parent = [], (None if salt is None else hash(("salt", salt)))
         for start in range(0, num_tokens - self.block_size + 1, self.block_size):
             parent = hash_block(parent, tuple(token_ids[start : start + self.block_size]))
             hashes.append(parent)
@@ -63,7 +64,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
         token_ids = seq.token_ids
-        hashes = self._full_block_hashes(token_ids, seq.num_tokens - 1)
+        hashes = self._full_block_hashes(token_ids, seq.num_tokens - 1, seq.cache_salt)
         block_ids = []
         for i, h in enumerate(hashes):
             block_id = self.cached_block_ids.get(h)
@@ -124,7 +125,7 @@ class BlockManager:
             return
         num_full = seq.num_computed_tokens // self.block_size
         token_ids = seq.token_ids
-        hashes = self._full_block_hashes(token_ids, num_full * self.block_size)
+        hashes = self._full_block_hashes(token_ids, num_full * self.block_size, seq.cache_salt)
         for i, (block_id, h) in enumerate(zip(seq.block_table[:num_full], hashes, strict=True)):
             if self.block_hashes[block_id] is not None:
                 continue

@@ -17,6 +17,7 @@ from glmserve.engine.block_manager import BlockManager
 from glmserve.engine.checkpoint import open_checkpoint
 from glmserve.engine.detokenizer import Detokenizer, SequenceDetokenizer
 from glmserve.engine.device import Placement, available_memory_bytes
+from glmserve.engine.lora import Adapter
 from glmserve.engine.memory import estimate_memory
 from glmserve.engine.model_runner import ModelRunner, StepResult
 from glmserve.engine.outputs import StreamOutput
@@ -64,7 +65,9 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.config.block_size)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_loras
+        )
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished choices
         self.grammars = None  # structured output: needs the tokenizer, through the detokenizer
         if detokenizer is not None and hasattr(detokenizer, "grammar_tokenizer"):
@@ -87,12 +90,19 @@ class LLMEngine:
         return self.block_manager.num_blocks * self.block_manager.block_size
 
     # -- requests -----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request and its params.n choices; ValueError (with the numbers) if it can never run."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
+    ) -> None:
+        """Queue a request and its params.n choices, on the base model or the registered LoRA adapter
+        `lora`; ValueError (with the numbers) if it can never run, UnknownAdapterError for an unknown adapter."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_request(prompt_token_ids, params)
-        choices = [Sequence(request_id, list(prompt_token_ids), _choice_params(params, j), j) for j in range(params.n)]
+        salt = self.runner.lora.get(lora).id if lora is not None else None
+        choices = [
+            Sequence(request_id, list(prompt_token_ids), _choice_params(params, j), j, lora=lora, cache_salt=salt)
+            for j in range(params.n)
+        ]
         if params.structured_outputs is not None:
             if self.grammars is None:
                 raise ValueError("structured output needs a tokenizer: this engine was built without one")
@@ -136,6 +146,26 @@ class LLMEngine:
                 f"prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache of "
                 f"{self.kv_cache_tokens} tokens; raise kv_cache_memory"
             )
+
+    # -- adapters -----------------------------------------------------------------------------
+    def add_lora(self, name: str, path: str | Path) -> Adapter:
+        """Serve a peft LoRA folder as `name`; ValueError naming the mismatch if it does not fit the model."""
+        adapter = self.runner.lora.add(name, path)
+        logger.info("LoRA adapter %s: rank %d, %d layers, %.1f MiB (%s)", name, adapter.rank, len(adapter.targets),
+                    adapter.num_bytes / 2**20, adapter.path)
+        return adapter
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving an adapter; ValueError while requests still run on it."""
+        self.runner.lora.get(name)
+        in_use = sum(1 for choices in self.requests.values() for seq in choices if seq.lora == name)
+        if in_use:
+            raise ValueError(f"adapter {name!r} still has {in_use} sequences in flight")
+        self.runner.lora.remove(name)
+
+    @property
+    def loras(self) -> dict[str, Adapter]:
+        return dict(self.runner.lora.registered)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (all its choices) and free its blocks at once; False if it is unknown or done."""

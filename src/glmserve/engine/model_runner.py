@@ -13,6 +13,7 @@ from glmserve.engine.checkpoint import Checkpoint, weight_quantization
 from glmserve.engine.device import Placement, num_physical_cores
 from glmserve.engine.layers.attention import AttentionMetadata
 from glmserve.engine.layers.linear import Linear, is_output_layer
+from glmserve.engine.lora import LoRAManager
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
@@ -35,6 +36,7 @@ class _Inputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
+    row_adapters: list[str | None] | None  # LoRA adapter of each row (None: base); None if no row has one
     sample_rows: list[int]  # flat row of each sampling sequence's last token
     sample_seq_indices: list[int]  # batch index of each sampling sequence
     prompt_rows: list[tuple[int, int, int, int]]  # (batch index, first row, num rows, first target position)
@@ -62,6 +64,8 @@ class ModelRunner:
         if keep_dense and hasattr(self.model, "prepack_tied_output"):
             self.model.prepack_tied_output()
         self.model.build_decode_stack()  # CPU decode steps in one native call where it can
+        self.lora = LoRAManager(self.model, engine_config.max_loras, self.device, self.dtype)
+        self._stack_lora_version = 0  # the LoRA stacks the native decode stack holds
         self.block_size = engine_config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_zeroed_blocks = 0
@@ -134,6 +138,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         inputs = self._prepare(batch)
+        if self.lora.registered:
+            self.lora.set_step(inputs.row_adapters or [])
+            if self.lora.version != self._stack_lora_version:  # new stacks: hand them to the native stack
+                self.model.build_decode_stack()
+                if self.model.decode_stack is not None:
+                    self.model.decode_stack.lora_step = self.lora.step
+                self._stack_lora_version = self.lora.version
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         result = StepResult([None] * len(batch.seqs), [None] * len(batch.seqs), [None] * len(batch.seqs))
         if inputs.sample_rows:
@@ -206,8 +217,10 @@ class ModelRunner:
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         sample_rows, sample_seq_indices, prompt_rows = [], [], []
+        row_adapters: list[str | None] = []
         for i in order:
             seq, n = batch.seqs[i], n_new[i]
+            row_adapters += [seq.lora] * n
             start, row = seq.num_computed_tokens, len(ids)
             ids.extend(seq.token_ids[start : start + n] if n > 1 else [seq.token_at(start)])
             pos = np.arange(start, start + n)
@@ -226,6 +239,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, device=self.device),
             positions=torch.from_numpy(np.concatenate(positions)).to(self.device),
             meta=meta,
+            row_adapters=row_adapters if any(row_adapters) else None,
             sample_rows=sample_rows,
             sample_seq_indices=sample_seq_indices,
             prompt_rows=prompt_rows,

@@ -36,8 +36,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 1 << 30
+    ):
         self.block_manager = block_manager
+        self.max_loras = max_loras  # distinct LoRA adapters among running sequences
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -77,13 +80,18 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        loras = {s.lora for s in self.running if s.lora is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.lora is not None and seq.lora not in loras and len(loras) >= self.max_loras:
+                break  # its adapter needs a slot that running sequences hold; first-come first-served
             cached = self.block_manager.cached_prefix(seq)  # hashed once per admission attempt
             num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if not self.block_manager.can_allocate(seq, num_new, cached):
                 break  # first-come first-served: nobody overtakes the head of the queue
             self.waiting.popleft()
+            if seq.lora is not None:
+                loras.add(seq.lora)
             self.block_manager.allocate_prefix(seq, cached)
             self.block_manager.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING

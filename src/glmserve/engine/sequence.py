@@ -39,6 +39,10 @@ class Sequence:
     # Structured output: the grammar's matcher (llguidance), advanced by each output token. It
     # lives with the sequence, so preemption (which recomputes KV, never tokens) leaves it valid.
     grammar: Any = None
+    # Fine-tuning: the LoRA adapter this sequence runs with (None: the base model), and what salts
+    # its prefix-cache hashes (the adapter's registration id), so KV of different adapters never mixes.
+    lora: str | None = None
+    cache_salt: int | None = None
 
     @property
     def seq_id(self) -> tuple[str, int]:

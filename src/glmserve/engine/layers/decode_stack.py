@@ -42,6 +42,7 @@ class DecodeStack:
     def __init__(self, native_stack, dtype: torch.dtype, max_rows: int):
         self.native, self.dtype = native_stack, dtype
         self.max_rows = max_rows  # decodes per step it takes
+        self.lora_step = None  # LoRAStep of the layers' adapters (set by the runner)
 
     @staticmethod
     def build(parts: list[LayerParts], rotary: RotaryEmbedding | None) -> DecodeStack | None:
@@ -71,13 +72,16 @@ class DecodeStack:
 
     def accepts(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         t = x.shape[0]
+        if self.lora_step is not None and self.lora_step.active and not self.lora_step.native:
+            return False
         return meta.num_decode_tokens == t <= self.max_rows and x.dtype == self.dtype
 
     def __call__(self, x, cos_sin, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         cos, sin = cos_sin if cos_sin is not None else (None, None)
+        lora_slots = self.lora_step.row_slots if self.lora_step is not None else None
         return self.native.forward(
             x, cos, sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
-            meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+            meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens, lora_slots,
         )
 
 
@@ -88,10 +92,11 @@ def _add_linear(stack, linear: Linear, dtype: torch.dtype) -> int | None:
     dense = linear.prepacked if is_prepacked else linear.weight
     if dense is not None and dense.dtype != dtype:
         return None
+    lora = (linear.lora.a, linear.lora.bt, linear.lora.width) if linear.lora is not None else (None, None, 0)
     if packed is None:
         if dense is None:
             return None
-        stack.add_linear(KIND_DENSE, None, None, None, 0, 0, dense, is_prepacked, linear.bias)
+        stack.add_linear(KIND_DENSE, None, None, None, 0, 0, dense, is_prepacked, linear.bias, *lora)
         return ANY_ROWS
     rows = max_fused_rows(packed)
     if isinstance(packed, NativeInt4):
@@ -100,7 +105,7 @@ def _add_linear(stack, linear: Linear, dtype: torch.dtype) -> int | None:
         weights = (KIND_INT8, packed.q, packed.scales, None)
     else:
         return None
-    stack.add_linear(*weights, packed.group_size, rows, dense, is_prepacked, linear.bias)
+    stack.add_linear(*weights, packed.group_size, rows, dense, is_prepacked, linear.bias, *lora)
     return ANY_ROWS if dense is not None else FUSED_ROWS  # past FUSED_ROWS, the Python path dequantizes
 
 

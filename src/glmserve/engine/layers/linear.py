@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmserve.engine.layers.lora import LoRAStack
 from glmserve.engine.layers.quant import Int4Weight, Int8Weight, QuantWeight
 from glmserve.engine.layers.quant_kernels import Kernel, kernel_for
 
@@ -72,8 +73,13 @@ class Linear(nn.Module):
         self.keep_dense_copy = False  # also keep the float weight for many-row steps (small models)
         self.int8_activations = True  # EngineConfig.activation_precision == "int8"
         self._pending: dict[int, torch.Tensor | QuantWeight] = {}  # weight shards not yet stored
+        self.lora: LoRAStack | None = None  # resident LoRA adapters of this layer (engine/lora.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base_forward(x)
+        return out if self.lora is None else self.lora.add_(x, out)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         has_dense = self.weight is not None or self.prepacked is not None
         if self.packed is not None and (not has_dense or x.shape[0] <= max_fused_rows(self.packed)):
             out = self.packed.matmul(x)

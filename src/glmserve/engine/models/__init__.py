@@ -66,7 +66,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | Q
     device = next(model.parameters()).device
     untrimmed = 0
     for name, tensor in tensors:
-        module_path, param_name, shard = _target(name, packed)
+        module_path, param_name, shard = checkpoint_target(name, packed)
         module = _submodule(model, module_path, name)
         if isinstance(module, Linear):
             module.load_shard(param_name, tensor, shard)
@@ -88,8 +88,9 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | Q
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {examples}")
 
 
-def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, str, int]:
-    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj', 'weight', 0)."""
+def checkpoint_target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, str, int]:
+    """Where a checkpoint tensor goes: (module path, parameter, part of a merged layer), e.g.
+    'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.qkv_proj', 'weight', 0)."""
     module_path, _, param_name = name.rpartition(".")
     prefix, _, leaf = module_path.rpartition(".")
     if leaf in packed:

@@ -14,6 +14,8 @@
 //   argmax_rows(x [N, V] float32) -> [N] int64        torch.argmax(x, -1), vectorized
 //   apply_token_bitmask_(logits [N, V] float32, rows [M] int64, bitmask [M, W] int32)
 //                        logits[rows[i], t] = -inf where bit t of bitmask[i] is clear (grammars)
+//   lora_add_(out [T, N], x [T, K], a [S*W, K], bt [S*W, N], row_slots [T] int64, W)
+//                        out[t] += bt_s^T (a_s x[t]) for row t's LoRA slot s (none where s < 0)
 // Rows may be strided (views of a merged projection); the last dimension must be contiguous.
 
 #include <ATen/ATen.h>
@@ -548,6 +550,72 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
+// ---------------------------------------------------------------- LoRA adapters
+// out[t] += bt[s*W : (s+1)*W]^T (a[s*W : (s+1)*W] x[t]) for each row t on slot s = row_slots[t] >= 0
+// (layers/lora.py: a [S*W, K] and bt [S*W, N] hold every resident adapter side by side, B scaled).
+// Each row reads only its own adapter's W rows of a and bt, where the GEMM form reads all S slots;
+// for the few rows of a decode step this is a few microseconds against tens for two small GEMMs.
+
+template <typename T>
+GLMSERVE_CLONES float dot_row(const T* a, const T* x, int64_t k) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < k; ++i) sum += to_float(a[i]) * to_float(x[i]);
+  return sum;
+}
+
+template <typename T>
+GLMSERVE_CLONES void lora_out_cols(const float* h, const T* bt, int64_t width, int64_t ldb, int64_t n, T* out) {
+  float acc[256];  // columns per chunk (the caller's)
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
+  for (int64_t r = 0; r < width; ++r) {
+    const float hr = h[r];
+    const T* row = bt + r * ldb;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += hr * to_float(row[j]);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = from_float<T>(to_float(out[j]) + acc[j]);
+}
+
+void lora_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt, const at::Tensor& row_slots,
+               int64_t width) {
+  check_rows(out, "out");
+  check_rows(x, "x");
+  TORCH_CHECK(a.is_contiguous() && bt.is_contiguous() && row_slots.is_contiguous() && row_slots.scalar_type() == at::kLong,
+              "glmserve: lora_add_ wants contiguous a, bt and int64 row_slots");
+  const int64_t t = x.size(0), k = x.size(1), n = out.size(1), slots = a.size(0) / std::max<int64_t>(width, 1);
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == t && a.dim() == 2 && a.size(1) == k && bt.dim() == 2 &&
+                  bt.size(0) == a.size(0) && bt.size(1) == n && a.size(0) == slots * width && row_slots.numel() == t,
+              "glmserve: lora_add_ wants out [T, N], x [T, K], a [S*W, K], bt [S*W, N], row_slots [T]");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() && a.scalar_type() == out.scalar_type() && bt.scalar_type() == out.scalar_type(),
+              "glmserve: lora_add_ wants one dtype");
+  const int64_t* slot_of = row_slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i) TORCH_CHECK(slot_of[i] < slots, "glmserve: a LoRA slot is out of range");
+  std::vector<float> h(t * width);
+  constexpr int64_t kCols = 256;
+  const int64_t chunks = (n + kCols - 1) / kCols;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "lora_add_", [&] {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = bt.data_ptr<scalar_t>();
+    at::parallel_for(0, t * width, grain(t * width, k), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = i / width, r = i % width, slot = slot_of[row];
+        h[i] = slot < 0 ? 0.0f : dot_row(ap + (slot * width + r) * k, x.data_ptr<scalar_t>() + row * x.stride(0), k);
+      }
+    });
+    at::parallel_for(0, t * chunks, grain(t * chunks, width * kCols), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = i / chunks, col = (i % chunks) * kCols, slot = slot_of[row];
+        if (slot < 0) continue;
+        scalar_t* o = out.data_ptr<scalar_t>() + row * out.stride(0) + col;
+        lora_out_cols(h.data() + row * width, bp + slot * width * n + col, width, n, std::min(kCols, n - col), o);
+      }
+    });
+  });
+}
+
 // ---------------------------------------------------------------- sampling
 
 // The first index of a row's maximum, as torch.argmax (a NaN counts as the maximum): aten's CPU
@@ -643,6 +711,7 @@ TORCH_LIBRARY_FRAGMENT(glmserve, m) {
         "Tensor? alibi_slopes) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");
+  m.def("lora_add_(Tensor(a!) out, Tensor x, Tensor a, Tensor bt, Tensor row_slots, int width) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(glmserve, CPU, m) {
@@ -654,4 +723,5 @@ TORCH_LIBRARY_IMPL(glmserve, CPU, m) {
   m.impl("decode_attention", &glmserve::decode_ops::decode_attention);
   m.impl("argmax_rows", &glmserve::decode_ops::argmax_rows);
   m.impl("apply_token_bitmask_", &glmserve::decode_ops::apply_token_bitmask_);
+  m.impl("lora_add_", &glmserve::decode_ops::lora_add_);
 }

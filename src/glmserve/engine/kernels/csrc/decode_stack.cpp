@@ -39,6 +39,8 @@ void write_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                             const c10::optional<at::Tensor>& alibi_slopes);
+void lora_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt, const at::Tensor& row_slots,
+               int64_t width);
 }  // namespace decode_ops
 
 namespace {
@@ -63,8 +65,16 @@ struct LinearWeight {
   c10::optional<at::Tensor> dense;   // [N, K] plain, or oneDNN's layout when `prepacked`
   bool prepacked = false;
   c10::optional<at::Tensor> bias;
+  c10::optional<at::Tensor> lora_a, lora_bt;  // resident LoRA adapters (layers/lora.py), W rows per slot
+  int64_t lora_width = 0;
 
-  at::Tensor operator()(const at::Tensor& x) const {
+  at::Tensor operator()(const at::Tensor& x, const c10::optional<at::Tensor>& row_slots) const {
+    at::Tensor out = base(x);
+    if (row_slots.has_value() && lora_a.has_value()) decode_ops::lora_add_(out, x, *lora_a, *lora_bt, *row_slots, lora_width);
+    return out;
+  }
+
+  at::Tensor base(const at::Tensor& x) const {
     if (kind != kDense && (!dense.has_value() || x.size(0) <= max_rows)) {
       at::Tensor out = kind == kInt4 ? int4_linear(x, quant, scales, mins, group_size, 0)
                                      : int8_linear(x, quant, scales, group_size, 0);
@@ -97,7 +107,8 @@ struct DecodeStack : torch::CustomClassHolder {
   // The next linear of a layer, in the order qkv, o_proj, gate_up, down.
   void add_linear(int64_t kind, c10::optional<at::Tensor> quant, c10::optional<at::Tensor> scales,
                   c10::optional<at::Tensor> mins, int64_t group_size, int64_t max_rows, c10::optional<at::Tensor> dense,
-                  bool prepacked, c10::optional<at::Tensor> bias) {
+                  bool prepacked, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> lora_a,
+                  c10::optional<at::Tensor> lora_bt, int64_t lora_width) {
     TORCH_CHECK(kind == kDense || (quant.has_value() && scales.has_value()), "glmserve: a native linear needs its weights");
     TORCH_CHECK(kind != kDense || dense.has_value(), "glmserve: a dense linear needs its weight");
     LinearWeight w;
@@ -112,6 +123,9 @@ struct DecodeStack : torch::CustomClassHolder {
     w.dense = std::move(dense);
     w.prepacked = prepacked;
     w.bias = std::move(bias);
+    w.lora_a = std::move(lora_a);
+    w.lora_bt = std::move(lora_bt);
+    w.lora_width = lora_width;
     pending.push_back(std::move(w));
   }
 
@@ -122,16 +136,17 @@ struct DecodeStack : torch::CustomClassHolder {
   }
 
   // x [B, hidden]: one decode token per sequence -> x after all layers (before the final norm).
-  // cos, sin [B, 1, R] (undefined: no rotary); caches per layer [KVH, blocks, block_size, D].
+  // cos, sin [B, 1, R] (undefined: no rotary); caches per layer [KVH, blocks, block_size, D];
+  // lora_slots [B] int64: each row's LoRA slot, -1 for the base model (undefined: no adapter rows).
   at::Tensor forward(at::Tensor x, c10::optional<at::Tensor> cos, c10::optional<at::Tensor> sin,
                      std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, at::Tensor slots,
-                     at::Tensor block_tables, at::Tensor context_lens) {
+                     at::Tensor block_tables, at::Tensor context_lens, c10::optional<at::Tensor> lora_slots) {
     TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(), "glmserve: one cache per layer");
     TORCH_CHECK(cos.has_value() == sin.has_value(), "glmserve: cos and sin come together");
     const int64_t t = x.size(0), d = head_dim, h = num_heads, kvh = num_kv_heads;
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& layer = layers[i];
-      const at::Tensor qkv = layer.qkv(decode_ops::rms_norm(x, layer.input_norm, eps));
+      const at::Tensor qkv = layer.qkv(decode_ops::rms_norm(x, layer.input_norm, eps), lora_slots);
       if (cos.has_value()) {
         at::Tensor qk = qkv.narrow(1, 0, (h + kvh) * d).view({t, h + kvh, d});
         decode_ops::rotary_(qk, *cos, *sin, interleaved);
@@ -141,8 +156,8 @@ struct DecodeStack : torch::CustomClassHolder {
       const at::Tensor v = qkv.narrow(1, (h + kvh) * d, kvh * d).view({t, kvh, d});
       decode_ops::write_kv_(k_caches[i], v_caches[i], k, v, slots);
       const at::Tensor attn = decode_ops::decode_attention(q, k_caches[i], v_caches[i], block_tables, context_lens, scale, alibi);
-      auto [residual, normed] = decode_ops::add_rms_norm(x, layer.o_proj(attn), layer.post_norm, eps);
-      x = residual + layer.down(decode_ops::silu_mul(layer.gate_up(normed)));
+      auto [residual, normed] = decode_ops::add_rms_norm(x, layer.o_proj(attn, lora_slots), layer.post_norm, eps);
+      x = residual + layer.down(decode_ops::silu_mul(layer.gate_up(normed, lora_slots)), lora_slots);
     }
     return x;
   }
