@@ -49,6 +49,11 @@ class LLM:
     def remove_lora(self, name: str) -> None:
         self.engine.remove_lora(name)
 
+    def with_lora(self, name: str) -> LoRAView:
+        """This LLM with `name` as every call's adapter (for code written against one model)."""
+        self.engine.runner.lora.get(name)  # UnknownAdapterError now, not at the first call
+        return LoRAView(self, name)
+
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
 
@@ -165,6 +170,28 @@ class LLM:
                     if request.finished and out.finished:
                         num_running -= 1
                         progress.update(1)
+
+
+class LoRAView:
+    """An LLM whose generate / chat / stream run on one LoRA adapter; everything else is the LLM's."""
+
+    def __init__(self, llm: LLM, lora: str):
+        self._llm, self.lora = llm, lora
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
+        return self._llm.generate(prompts, sampling_params, use_tqdm, lora=self.lora)
+
+    def chat(self, messages, sampling_params=None, tools=None, add_generation_prompt: bool = True, use_tqdm: bool = False):
+        return self._llm.chat(messages, sampling_params, tools, add_generation_prompt, use_tqdm, lora=self.lora)
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[StreamOutput]:
+        return self._llm.stream(prompt, sampling_params, lora=self.lora)
+
+    def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None) -> Iterator[StreamOutput]:
+        return self._llm.stream_chat(messages, sampling_params, lora=self.lora)
 
 
 def _broadcast_params(sampling_params, count: int) -> list[SamplingParams]:

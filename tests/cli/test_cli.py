@@ -278,3 +278,22 @@ def test_run_batch_is_one_call_per_kind_and_clamps_to_context():
     assert items[2].error == "prompt too long: 20 tokens, the context limit is 20"
     assert items[4].error == "the prompt is empty"
     assert [item.result["index"] for item in items if item.result] == [0, 1, 3]
+
+
+def test_chat_with_a_lora_adapter(tmp_path):
+    from glmserve import LLM, SamplingParams
+    from glmserve.devtools.random_lora import write_random_lora
+    from glmserve.model_path import find_bundled_model
+
+    adapter = write_random_lora(find_bundled_model(), tmp_path / "adapter", rank=8, std=0.3)
+    question = "What is the capital of France?"
+    proc = run_cli("chat", "--temperature", "0", "--max-length", "96", "--lora", str(adapter), stdin=f"{question}\nstop\n")
+    assert_clean(proc)
+    answer = proc.stdout.split("助手/Assistant:", 1)[1].split("用户/User:", 1)[0].strip()
+    llm = LLM(find_bundled_model(), lora_modules={"a": adapter})
+    params = SamplingParams(temperature=0, max_tokens=64)
+    messages = [{"role": "user", "content": question}]
+    expected = llm.with_lora("a").chat(messages, params)[0].outputs[0].text.strip()
+    assert answer[:20] == expected[:20] and expected != llm.chat(messages, params)[0].outputs[0].text.strip()
+    bad = run_cli("chat", "--lora", str(tmp_path / "missing"), stdin="stop\n")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "is not a folder" in bad.stderr

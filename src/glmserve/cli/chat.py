@@ -123,6 +123,9 @@ def chat(
     max_model_len: MaxModelLenOption = None,
     quantization: QuantizationOption = None,
     activation_precision: ActivationPrecisionOption = ActivationPrecision.int8,
+    lora: Annotated[
+        str | None, typer.Option(help="Chat with this LoRA adapter (a peft folder) on the model", metavar="DIR")
+    ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt for the whole conversation")] = None,
     temperature: Annotated[
         float | None, typer.Option(help="0 is greedy [default: the model family's]", show_default=False)
@@ -160,7 +163,7 @@ def chat(
     generation_config.json says so, else answer greedily (the bundled GGUF has none).
     """
     make_params(temperature=temperature or 0.0, top_p=top_p or 1.0)  # reject bad values before loading
-    llm = load_llm(model, dtype, max_model_len, quantization, activation_precision)
+    llm = load_llm(model, dtype, max_model_len, quantization, activation_precision, lora)
     defaults = llm.generation_defaults
     params = make_params(
         temperature=defaults.temperature if temperature is None else temperature,

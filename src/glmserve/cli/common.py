@@ -87,7 +87,9 @@ def load_llm(
     max_model_len: int | None,
     quantization: Quantization | None = None,
     activation_precision: ActivationPrecision = ActivationPrecision.int8,
+    lora: str | None = None,
 ) -> Any:
+    """The model as an LLM; with `lora` (a peft adapter folder), a view running every call on it."""
     try:
         path = resolve_model_path(model)
     except ModelNotFoundError as e:
@@ -96,7 +98,14 @@ def load_llm(
 
     try:
         quant = quantization.value if quantization else None
-        return LLM(model=str(path), dtype=dtype.value, max_model_len=max_model_len, quantization=quant,
-                   activation_precision=activation_precision.value)  # fmt: skip
+        llm = LLM(model=str(path), dtype=dtype.value, max_model_len=max_model_len, quantization=quant,
+                  activation_precision=activation_precision.value)  # fmt: skip
     except (ValueError, OSError, NotImplementedError) as e:
         fail(f"cannot load {path}: {e}")
+    if lora is None:
+        return llm
+    try:
+        llm.add_lora("adapter", lora)
+    except ValueError as e:
+        fail(f"cannot load the adapter: {e}")
+    return llm.with_lora("adapter")

@@ -17,12 +17,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.outputs import StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 
 
@@ -74,16 +76,17 @@ class AsyncEngine:
 
     # -- caller side (any thread, usually the event loop) --------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
     ) -> AsyncIterator[StreamOutput]:
-        """Yield outputs as they come, of all params.n choices (told apart by `out.index`). ValueError
-        before the first output if the request is invalid. Leaving the loop early (break,
-        cancellation, client gone) aborts the request."""
+        """Yield outputs as they come, of all params.n choices (told apart by `out.index`), on the
+        base model or the LoRA adapter `lora`. ValueError (UnknownAdapterError) before the first
+        output if the request is invalid. Leaving the loop early (break, cancellation, client gone)
+        aborts the request."""
         if self._stopping:
             raise EngineDeadError("the engine is shutting down")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", request_id, prompt_token_ids, params, stream, accepted))
+        self._commands.put(("add", request_id, prompt_token_ids, params, lora, stream, accepted))
         await asyncio.wrap_future(accepted)  # raises the engine's ValueError
         num_running = params.n
         try:
@@ -99,6 +102,14 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) on the engine thread between steps (e.g. loading an adapter); its result or error."""
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, done))
+        return await asyncio.wrap_future(done)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
@@ -155,10 +166,17 @@ class AsyncEngine:
             if self.engine.abort(command[1]):
                 self._streams.pop(command[1], None)
             return
-        _, request_id, prompt_token_ids, params, stream, accepted = command
+        if command[0] == "call":
+            _, fn, done = command
+            try:
+                done.set_result(fn(self.engine))
+            except Exception as error:  # the caller's to handle; the loop goes on
+                done.set_exception(error)
+            return
+        _, request_id, prompt_token_ids, params, lora, stream, accepted = command
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params)
-        except ValueError as error:
+            self.engine.add_request(request_id, prompt_token_ids, params, lora)
+        except (ValueError, LookupError) as error:
             accepted.set_exception(error)
             return
         self._streams[request_id] = stream

@@ -28,9 +28,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from glmserve.model_path import resolve_model_path
-from glmserve.serving.auth import api_key_checker
+from glmserve.serving.adapter_routes import adapter_name, adapter_router, load_adapter
+from glmserve.serving.auth import admin_checker, api_key_checker
 from glmserve.serving.errors import install_error_handlers
 from glmserve.serving.legacy_routes import classic_router
+from glmserve.serving.logs import StartupError
 from glmserve.serving.metrics import CONTENT_TYPE, ServerMetrics
 from glmserve.serving.middleware import RequestContextMiddleware
 from glmserve.serving.openai_routes import router as openai_router
@@ -41,6 +43,8 @@ from glmserve.serving.settings import (
     ServeSettings,
     check_model_name,
     default_model_name,
+    is_loopback,
+    parse_lora_spec,
     parse_model_spec,
 )
 from glmserve.serving.streaming import ClientDisconnected, client_disconnected_response
@@ -58,6 +62,7 @@ def create_app(
     """The API app; `app.state.model_names` lists the served names (for the UI's model picker)."""
     named_paths = None if engines else resolve_models(settings)
     model_names = list(engines) if engines else list(named_paths)
+    adapters = resolve_adapters(settings, model_names)
     state: dict = {}  # the registry, once the lifespan has loaded the models
 
     @asynccontextmanager
@@ -66,6 +71,12 @@ def create_app(
             wrap_engines(engines) if engines else await asyncio.to_thread(_load_all, named_paths, settings)
         )
         registry = state["registry"] = ModelRegistry(models)
+        for base, name, path in adapters:
+            try:
+                await load_adapter(registry, base, name, path)
+            except ValueError as error:
+                await asyncio.to_thread(registry.shutdown)
+                raise StartupError(f"--lora {name}: {error}") from None
         app.state.service = ChatService(registry, settings.max_queue, metrics)
         logger.info("serving %s", ", ".join(f"{m.name} ({m.max_model_len} tokens)" for m in registry))
         try:
@@ -78,8 +89,10 @@ def create_app(
     app = FastAPI(title="glmserve", version=_version(), lifespan=lifespan)
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, client_disconnected_response)
-    protected = [Depends(api_key_checker(settings.api_key))]
+    protected = [Depends(api_key_checker(settings.all_keys))]
     app.include_router(openai_router, dependencies=protected)
+    admin = [*protected, Depends(admin_checker(settings.api_key, settings.admin_key, is_loopback(settings.host)))]
+    app.include_router(adapter_router(), dependencies=admin)
     app.include_router(_ops_router(metrics), dependencies=protected)
     app.include_router(_health_router())
     app.include_router(classic_router(model_names), dependencies=protected)
@@ -92,7 +105,7 @@ def create_app(
             expose_headers=["X-Request-ID"],
         )
     app.add_middleware(RequestContextMiddleware, record=metrics.record_request)
-    app.state.model_names = model_names
+    app.state.model_names = model_names + [name for _, name, _ in adapters]
     return app
 
 
@@ -107,6 +120,23 @@ def resolve_models(settings: ServeSettings) -> dict[str, Path]:
             raise ValueError(f"two models are named {name!r}: name them with --model NAME=PATH")
         named_paths[name] = path
     return named_paths
+
+
+def resolve_adapters(settings: ServeSettings, model_names: list[str]) -> list[tuple[str, str, str]]:
+    """(base, name, folder) for each --lora, checked before anything loads."""
+    adapters, names = [], set(model_names)
+    for spec in map(parse_lora_spec, settings.lora):
+        base = spec.base or model_names[0]
+        if base not in model_names:
+            raise ValueError(f"--lora {spec.base}:{spec.name}: no model is named {base!r}; served: {model_names}")
+        if not Path(spec.path).expanduser().is_dir():
+            raise ValueError(f"--lora: adapter folder {spec.path} does not exist")
+        name = adapter_name(spec.name, spec.path)
+        if name in names:
+            raise ValueError(f"--lora: two models or adapters are named {name!r}: name it with --lora NAME=DIR")
+        names.add(name)
+        adapters.append((base, name, spec.path))
+    return adapters
 
 
 def _load_all(named_paths: dict[str, Path], settings: ServeSettings) -> list[ServedModel]:

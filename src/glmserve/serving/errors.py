@@ -52,6 +52,12 @@ class Unauthorized(APIError):
     code = "invalid_api_key"
 
 
+class Forbidden(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(APIError):
     status_code = 404
     type = "invalid_request_error"

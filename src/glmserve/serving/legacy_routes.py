@@ -25,13 +25,17 @@ CLASSIC_ALIASES = ("/", "/chatglm")  # the first model's routes in ChatGLM's own
 
 
 def classic_router(model_names: list[str]) -> APIRouter:
-    """POST /<name> per model, and / and /chatglm for the first (unless a model is named chatglm)."""
+    """/ and /chatglm for the first model (unless a model is named chatglm), and POST /<name> for every
+    served model or adapter, also those loaded at run time (an unknown name: 404)."""
     router = APIRouter()
-    routes = {f"/{name}": name for name in model_names}
     for alias in CLASSIC_ALIASES:
-        routes.setdefault(alias, model_names[0])
-    for path, name in routes.items():
-        router.add_api_route(path, _endpoint(name), methods=["POST"], name=f"classic:{path}")
+        if alias.lstrip("/") not in model_names:
+            router.add_api_route(alias, _endpoint(model_names[0]), methods=["POST"], name=f"classic:{alias}")
+
+    @router.post("/{model_name}", name="classic:/<name>")
+    async def classic_chat_by_name(model_name: str, body: ClassicChatRequest, request: Request) -> Response:
+        return await answer(request, body, model_name)
+
     return router
 
 

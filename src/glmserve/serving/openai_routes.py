@@ -55,6 +55,8 @@ def _model_card(model: ServedModel) -> dict:
         "object": "model",
         "created": model.created,
         "owned_by": "glmserve",
+        "root": model.name,
+        "parent": model.base.name if model.base else None,  # a LoRA adapter's base model (as vLLM)
         "max_model_len": model.max_model_len,
     }
 

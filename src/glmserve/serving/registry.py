@@ -33,6 +33,9 @@ class ServedModel:
     tokenizer: Tokenizer
     defaults: GenerationDefaults
     is_owned: bool = True  # built by us, so shut down by us
+    # A LoRA adapter served under its own name: the base model's engine, run with `lora`.
+    lora: str | None = None
+    base: ServedModel | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     num_unfinished: int = 0  # sequences admitted and not finished; touched by the event loop only
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
@@ -52,6 +55,10 @@ class ServedModel:
         if text is None:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
+
+    def adapter(self, name: str) -> ServedModel:
+        """This base model run with its LoRA adapter `name`, served as a model of that name."""
+        return ServedModel(name, self.engine, self.tokenizer, self.defaults, is_owned=False, lora=name, base=self)
 
     def stats(self) -> dict[str, float]:
         block_manager = self.engine.engine.block_manager
@@ -75,6 +82,21 @@ class ModelRegistry:
             raise ValueError(f"two models share a name in {names}: name them with --model NAME=PATH")
 
     @property
+    def base_models(self) -> list[ServedModel]:
+        return [m for m in self.models.values() if m.base is None]
+
+    def add(self, model: ServedModel) -> None:
+        if model.name in self.models:
+            raise ValueError(f"a model or adapter named {model.name!r} is already served")
+        self.models[model.name] = model
+
+    def remove_adapter(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None or model.base is None:
+            raise ModelNotFound(f"no LoRA adapter named {name!r} is served", param="lora_name")
+        return self.models.pop(name)
+
+    @property
     def default(self) -> ServedModel:
         return next(iter(self.models.values()))
 
@@ -90,10 +112,10 @@ class ModelRegistry:
         return iter(self.models.values())
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {name: model.stats() for name, model in self.models.items()}
+        return {model.name: model.stats() for model in self.base_models}
 
     def shutdown(self) -> None:
-        for model in self:
+        for model in self.base_models:
             if model.is_owned:
                 model.engine.shutdown()
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from glmserve.engine.outputs import CompletionOutput, StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
-from glmserve.serving.errors import APIError, InvalidRequest, QueueFull, ServerError
+from glmserve.serving.errors import APIError, InvalidRequest, ModelNotFound, QueueFull, ServerError
 from glmserve.serving.metrics import ServerMetrics
 from glmserve.serving.registry import ModelRegistry, ServedModel
 
@@ -120,8 +120,9 @@ class ChatService:
         KV blocks."""
         request_id = request_id or uuid.uuid4().hex
         num_seqs = sum(p.n for p in params)
-        self._admit(model, num_seqs)
-        model.num_unfinished += num_seqs
+        queue = model.base or model  # an adapter's requests queue on its base model's engine
+        self._admit(queue, num_seqs)
+        queue.num_unfinished += num_seqs
         try:
             streams = [
                 self._request(model, f"{request_id}-{i}", ids, p, first_index=i * p.n)
@@ -136,7 +137,7 @@ class ChatService:
                     async for event in events:
                         yield event
         finally:
-            model.num_unfinished -= num_seqs
+            queue.num_unfinished -= num_seqs
 
     async def stream_chat(
         self,
@@ -177,7 +178,7 @@ class ChatService:
         observe_first, observe_next, observe_total = self._latency_observers(model)
         start = last = time.monotonic()
         try:
-            async with aclosing(model.engine.generate(request_id, prompt_ids, params)) as outputs:
+            async with aclosing(model.engine.generate(request_id, prompt_ids, params, model.lora)) as outputs:
                 async for out in outputs:
                     now = time.monotonic()
                     (observe_next if last > start else observe_first)(now - last)
@@ -185,6 +186,8 @@ class ChatService:
                     yield first_index + out.index, out
         except ValueError as error:  # refused by the engine, before any output
             raise InvalidRequest.from_value_error(error) from None
+        except LookupError:  # its adapter was unloaded since the request was routed
+            raise ModelNotFound(f"model {model.name!r} is not served", param="model") from None
         except RuntimeError as error:  # the engine failed or is shutting down
             raise ServerError(f"the engine could not finish the request: {error}") from None
         observe_total(last - start)

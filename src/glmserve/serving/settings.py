@@ -30,12 +30,28 @@ class ServeSettings(BaseModel):
         "Default: $MODEL_PATH, else the bundled SmolLM2",
         json_schema_extra={"short": "-m", "metavar": "[NAME=]PATH"},
     )
+    lora: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapter (a peft folder) to serve as [BASE:]NAME=DIR or DIR, on the model named BASE "
+        "(default: the first); requests choose it with model=NAME; repeatable",
+        json_schema_extra={"metavar": "[BASE:]NAME=DIR"},
+    )
+    max_loras: int = Field(
+        EngineConfig.max_loras, ge=1,
+        description="LoRA adapters resident per model at once (the most one batch mixes); others load on demand",
+    )
     host: str = Field("127.0.0.1", description="Address to bind")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind")
     api_key: list[str] = Field(
         default_factory=list,
         description="Accepted API key (Authorization: Bearer KEY); repeatable. "
         "None given: no auth, allowed only on a loopback host unless --allow-no-auth",
+        json_schema_extra={"metavar": "KEY"},
+    )
+    admin_key: list[str] = Field(
+        default_factory=list,
+        description="API key that may also load and unload adapters (/v1/load_lora_adapter); repeatable. "
+        "With no keys at all, those routes are open on a loopback host only",
         json_schema_extra={"metavar": "KEY"},
     )
     allow_no_auth: bool = Field(False, description="Serve a non-loopback address without API keys")
@@ -107,6 +123,18 @@ class ServeSettings(BaseModel):
             parse_model_spec(spec)
         return specs
 
+    @field_validator("lora")
+    @classmethod
+    def _check_lora_specs(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            parse_lora_spec(spec)
+        return specs
+
+    @property
+    def all_keys(self) -> list[str]:
+        """Keys that may use the API: admin keys are API keys too."""
+        return [*self.api_key, *self.admin_key]
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             dtype=self.dtype,
@@ -117,11 +145,12 @@ class ServeSettings(BaseModel):
             max_num_seqs=self.max_num_seqs,
             kv_cache_memory=self.kv_cache_memory,
             num_threads=self.num_threads,
+            max_loras=self.max_loras,
         )
 
     def check_exposure(self) -> None:
         """Refuse to serve a non-loopback address with no key unless the user said so."""
-        if self.api_key or self.allow_no_auth or is_loopback(self.host):
+        if self.all_keys or self.allow_no_auth or is_loopback(self.host):
             return
         raise ValueError(
             f"binding {self.host} without an API key would let anyone on the network use the models: "
@@ -132,7 +161,7 @@ class ServeSettings(BaseModel):
     def may_run_code(self) -> bool:
         """The UI's Tool / Code Interpreter tabs run code on this machine: only for users who hold
         a key, or on loopback; never for anyone on the network (--allow-no-auth)."""
-        return bool(self.api_key) or is_loopback(self.host)
+        return bool(self.all_keys) or is_loopback(self.host)
 
 
 @dataclass(frozen=True)
@@ -150,6 +179,29 @@ def parse_model_spec(spec: str) -> ModelSpec:
     if not spec:
         raise ValueError("empty --model value")
     return ModelSpec(None, spec)
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    base: str | None  # None: the first model
+    name: str | None  # None: the folder's name
+    path: str
+
+
+def parse_lora_spec(spec: str) -> LoRASpec:
+    """`BASE:NAME=DIR`, `NAME=DIR` or `DIR`."""
+    left, sep, path = spec.partition("=")
+    if not sep:
+        if not spec:
+            raise ValueError("empty --lora value")
+        return LoRASpec(None, None, spec)
+    base, colon, name = left.rpartition(":")
+    if not path:
+        raise ValueError(f"--lora {spec!r} names no adapter folder after '='")
+    check_model_name(name)
+    if colon:
+        check_model_name(base)
+    return LoRASpec(base if colon else None, name, path)
 
 
 def check_model_name(name: str) -> str:

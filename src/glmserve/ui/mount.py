@@ -42,7 +42,7 @@ def mount(
         app,
         blocks,
         path=PATH,
-        auth=key_login(settings.api_key),
+        auth=key_login(settings.all_keys),
         auth_message="Enter one of the server's API keys as the password (any user name).",
         footer_links=[],
         run_history=False,
