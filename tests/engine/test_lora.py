@@ -235,3 +235,34 @@ def test_glm_adapters_equal_peft_in_both_layouts(tmp_path, preset, prompt):
         torch.testing.assert_close(our_logprobs(llm, prompt, "ft"), expected, atol=TOL, rtol=0)
         assert greedy(llm, [prompt], "ft")[0] == expected_tokens
         assert (our_logprobs(llm, prompt, None) - expected).abs().max() > 1e-2
+
+
+def test_peft_prefix_tuning_equals_peft(bundled, tmp_path):
+    """peft's PREFIX_TUNING on a transformers model: the saved prompt_embeddings become the cache's first
+    slots, and the prompt's positions start after them (transformers counts them as past tokens)."""
+    _, _, llm, prompts = bundled
+    path = find_bundled_model()  # a model of its own: peft's prompt learning rewires the one it wraps
+    base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    torch.manual_seed(3)
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prefix_projection=True, encoder_hidden_size=32)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "prefix")
+    model = peft.PeftModel.from_pretrained(model.get_base_model(), tmp_path / "prefix").eval()
+    llm.add_lora("prefix", tmp_path / "prefix")
+    ids = prompts[0]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        expected = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        tokens = list(ids)
+        for _ in range(NUM_TOKENS):  # full forwards: peft's generate() drops the prefix under transformers 5
+            last = model(input_ids=torch.tensor([tokens])).logits[0, -1]
+            last[sorted(llm.engine.stop_token_ids)] = float("-inf")  # as min_tokens bans them
+            tokens.append(int(last.argmax()))
+    torch.testing.assert_close(our_logprobs(llm, ids, "prefix"), expected, atol=TOL, rtol=0)
+    assert greedy(llm, [ids], "prefix")[0] == tokens[len(ids) :]
+    assert (expected - our_logprobs(llm, ids, None)).abs().max() > 0.05
+    llm.remove_lora("prefix")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from glmserve.engine.sequence import Sequence
+from glmserve.engine.sequence import KVPrefix, Sequence
 
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
@@ -31,6 +31,9 @@ class BlockManager:
         self.num_touched_blocks = 0  # block ids below this have been handed out at least once
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # of those, found cached
+        # (source, destination) blocks whose contents the runner must copy before the next step: the
+        # partial block of a P-Tuning prefix, into each new sequence's own block.
+        self.pending_copies: list[tuple[int, int]] = []
 
     # -- capacity ---------------------------------------------------------------------------
     @property
@@ -63,6 +66,8 @@ class BlockManager:
         (the last token must run through the model to produce logits). Look up once, pass on."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
+        if seq.kv_prefix is not None and seq.kv_prefix.partial_block is not None:
+            return []  # token blocks straddle block boundaries: not cached
         token_ids = seq.token_ids
         hashes = self._full_block_hashes(token_ids, seq.num_tokens - 1, seq.cache_salt)
         block_ids = []
@@ -82,11 +87,13 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None) -> bool:
         """Whether `seq` can hold its computed (or cached) tokens plus `num_new_tokens`.
         `cached`: the result of cached_prefix(seq) for a waiting sequence, if already known."""
+        offset = seq.num_prefix_slots
         if seq.block_table:
-            needed = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+            needed = self.num_blocks_for(offset + seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
             return needed <= self.num_free_blocks
         cached = self.cached_prefix(seq) if cached is None else cached
-        new_blocks = self.num_blocks_for(len(cached) * self.block_size + num_new_tokens) - len(cached)
+        num_shared = len(seq.kv_prefix.shared_blocks) if seq.kv_prefix is not None else 0
+        new_blocks = self.num_blocks_for(offset + len(cached) * self.block_size + num_new_tokens) - num_shared - len(cached)
         revived = sum(1 for b in cached if self.ref_counts[b] == 0)  # leave the evictable pool
         return new_blocks + revived <= self.num_free_blocks
 
@@ -94,9 +101,15 @@ class BlockManager:
         """First allocation of a waiting sequence: take its cached prefix blocks."""
         assert not seq.block_table
         cached = self.cached_prefix(seq) if cached is None else cached
-        for block_id in cached:
+        prefix = seq.kv_prefix
+        shared = list(prefix.shared_blocks) if prefix is not None else []
+        for block_id in shared + cached:
             self._take(block_id)
-        seq.block_table = list(cached)
+        seq.block_table = shared + list(cached)
+        if prefix is not None and prefix.partial_block is not None:  # cached is empty then
+            own = self._take_free()
+            seq.block_table.append(own)
+            self.pending_copies.append((prefix.partial_block, own))
         seq.num_computed_tokens = len(cached) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
         self.num_prefix_queries += seq.num_tokens
@@ -104,7 +117,7 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow the block table to hold the computed tokens plus `num_new_tokens`."""
-        num_needed = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        num_needed = self.num_blocks_for(seq.num_prefix_slots + seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(num_needed):
             seq.block_table.append(self._take_free())
 
@@ -123,10 +136,15 @@ class BlockManager:
         """Register the full blocks whose KV is now computed, so later requests can reuse them."""
         if not self.enable_prefix_caching:
             return
+        first = 0  # the table's first token block: after a P-Tuning prefix's blocks
+        if seq.kv_prefix is not None:
+            if seq.kv_prefix.partial_block is not None:
+                return
+            first = len(seq.kv_prefix.shared_blocks)
         num_full = seq.num_computed_tokens // self.block_size
         token_ids = seq.token_ids
         hashes = self._full_block_hashes(token_ids, num_full * self.block_size, seq.cache_salt)
-        for i, (block_id, h) in enumerate(zip(seq.block_table[:num_full], hashes, strict=True)):
+        for i, (block_id, h) in enumerate(zip(seq.block_table[first : first + num_full], hashes, strict=True)):
             if self.block_hashes[block_id] is not None:
                 continue
             if h in self.cached_block_ids:  # an identical block exists already; keep ours private
@@ -134,6 +152,25 @@ class BlockManager:
             self.block_hashes[block_id] = h
             self.block_token_ids[block_id] = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             self.cached_block_ids[h] = block_id
+
+    # -- P-Tuning prefixes --------------------------------------------------------------------
+    def reserve_prefix(self, num_slots: int, position_offset: int = 0) -> KVPrefix:
+        """Blocks for a prefix of `num_slots` keys/values, held (ref 1) until release_prefix."""
+        num_full, tail = divmod(num_slots, self.block_size)
+        if self.num_blocks_for(num_slots) > self.num_free_blocks:
+            raise ValueError(f"the KV cache has no room for a {num_slots}-slot prefix")
+        shared = tuple(self._take_free() for _ in range(num_full))
+        return KVPrefix(num_slots, shared, self._take_free() if tail else None, position_offset)
+
+    def release_prefix(self, prefix: KVPrefix) -> None:
+        for block_id in (*prefix.shared_blocks, *([prefix.partial_block] if prefix.partial_block is not None else [])):
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_block_ids.append(block_id)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     # -- internals --------------------------------------------------------------------------
     def _take(self, block_id: int) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from glmserve.config import EngineConfig, ModelConfig
 from glmserve.engine.block_manager import BlockManager
 from glmserve.engine.checkpoint import open_checkpoint
+from glmserve.engine.checkpoint.adapters import has_ptuning_prefix, is_prefix_adapter, read_prefix_kv
 from glmserve.engine.detokenizer import Detokenizer, SequenceDetokenizer
 from glmserve.engine.device import Placement, available_memory_bytes
 from glmserve.engine.lora import Adapter
@@ -23,7 +24,7 @@ from glmserve.engine.model_runner import ModelRunner, StepResult
 from glmserve.engine.outputs import StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
-from glmserve.engine.sequence import Sequence
+from glmserve.engine.sequence import KVPrefix, Sequence
 from glmserve.engine.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class LLMEngine:
             vocab_size, eos_ids = self.model_config.vocab_size, sorted(self.stop_token_ids)
             self.grammars = GrammarCompiler(lambda: detokenizer.grammar_tokenizer(vocab_size, eos_ids))
         self.detokenizers: dict[tuple[str, int], SequenceDetokenizer] = {}  # by seq_id
+        # P-Tuning v2: the checkpoint's own prefix (every request), and prefix adapters by name.
+        self.prefixes: dict[str, tuple[Adapter, KVPrefix]] = {}
+        self.model_prefix = self._load_prefix(checkpoint.path) if has_ptuning_prefix(checkpoint.path) else None
 
     def _check_weights_fit(self) -> None:
         for line in self.memory.lines():
@@ -97,12 +101,18 @@ class LLMEngine:
         `lora`; ValueError (with the numbers) if it can never run, UnknownAdapterError for an unknown adapter."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_request(prompt_token_ids, params)
-        salt = self.runner.lora.get(lora).id if lora is not None else None
+        kv_prefix, salt = self.model_prefix, None
+        if lora in self.prefixes:
+            adapter, kv_prefix = self.prefixes[lora]
+            lora, salt = None, adapter.id
+        elif lora is not None:
+            salt = self.runner.lora.get(lora).id
+        self._check_request(prompt_token_ids, params, kv_prefix.num_slots if kv_prefix else 0)
         choices = [
-            Sequence(request_id, list(prompt_token_ids), _choice_params(params, j), j, lora=lora, cache_salt=salt)
+            Sequence(request_id, list(prompt_token_ids), _choice_params(params, j), j, lora=lora, cache_salt=salt,
+                     kv_prefix=kv_prefix)
             for j in range(params.n)
-        ]
+        ]  # fmt: skip
         if params.structured_outputs is not None:
             if self.grammars is None:
                 raise ValueError("structured output needs a tokenizer: this engine was built without one")
@@ -121,7 +131,7 @@ class LLMEngine:
                 )
             self.scheduler.add(seq)
 
-    def _check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _check_request(self, prompt_token_ids: list[int], params: SamplingParams, num_prefix_slots: int = 0) -> None:
         if params.stop and self.detokenizer is None:
             raise ValueError("stop strings need text: this engine was built without a detokenizer")
         num_prompt = len(prompt_token_ids)
@@ -141,15 +151,28 @@ class LLMEngine:
                 f"prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context length "
                 f"of {self.max_model_len} tokens"
             )
-        if num_prompt + max_tokens > self.kv_cache_tokens:
+        if num_prefix_slots + num_prompt + max_tokens > self.kv_cache_tokens:
             raise ValueError(
                 f"prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache of "
-                f"{self.kv_cache_tokens} tokens; raise kv_cache_memory"
+                f"{self.kv_cache_tokens - num_prefix_slots} tokens; raise kv_cache_memory"
             )
 
     # -- adapters -----------------------------------------------------------------------------
     def add_lora(self, name: str, path: str | Path) -> Adapter:
-        """Serve a peft LoRA folder as `name`; ValueError naming the mismatch if it does not fit the model."""
+        """Serve a peft LoRA folder, or a ChatGLM P-Tuning v2 folder (config.json with pre_seq_len), as
+        `name`; ValueError naming the mismatch if it does not fit the model."""
+        path = Path(path).expanduser()
+        if is_prefix_adapter(path):
+            if name in self.prefixes or name in self.runner.lora.registered:
+                raise ValueError(f"an adapter named {name!r} is already loaded")
+            prefix = self._load_prefix(path)
+            num_bytes = prefix.num_slots * self.runner.kv_bytes_per_token
+            adapter = Adapter(name, path, self.runner.lora.next_id(), 0, num_bytes, frozenset(), kind="prefix")
+            self.prefixes[name] = (adapter, prefix)
+            logger.info("P-Tuning v2 adapter %s: %d prefix slots (%s)", name, prefix.num_slots, path)
+            return adapter
+        if name in self.prefixes:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
         adapter = self.runner.lora.add(name, path)
         logger.info("LoRA adapter %s: rank %d, %d layers, %.1f MiB (%s)", name, adapter.rank, len(adapter.targets),
                     adapter.num_bytes / 2**20, adapter.path)
@@ -157,15 +180,27 @@ class LLMEngine:
 
     def remove_lora(self, name: str) -> None:
         """Stop serving an adapter; ValueError while requests still run on it."""
-        self.runner.lora.get(name)
-        in_use = sum(1 for choices in self.requests.values() for seq in choices if seq.lora == name)
+        adapter = self.prefixes[name][0] if name in self.prefixes else self.runner.lora.get(name)
+        in_use = sum(1 for choices in self.requests.values() for seq in choices if seq.cache_salt == adapter.id)
         if in_use:
             raise ValueError(f"adapter {name!r} still has {in_use} sequences in flight")
-        self.runner.lora.remove(name)
+        if name in self.prefixes:
+            self.block_manager.release_prefix(self.prefixes.pop(name)[1])
+        else:
+            self.runner.lora.remove(name)
 
     @property
     def loras(self) -> dict[str, Adapter]:
-        return dict(self.runner.lora.registered)
+        """The adapters served on this model: LoRA and P-Tuning v2."""
+        return {**self.runner.lora.registered, **{name: a for name, (a, _) in self.prefixes.items()}}
+
+    def _load_prefix(self, path: Path) -> KVPrefix:
+        """A P-Tuning v2 prefix's keys and values, computed once into KV blocks it holds from now on."""
+        read = read_prefix_kv(path, self.model_config)  # ValueError when it does not fit the model
+        prefix = self.block_manager.reserve_prefix(read.kv.shape[2], read.position_offset)
+        self.runner.zero_new_blocks(self.block_manager.num_touched_blocks)  # before writing, never after
+        self.runner.write_prefix(prefix, read.kv)
+        return prefix
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (all its choices) and free its blocks at once; False if it is unknown or done."""
@@ -191,6 +226,7 @@ class LLMEngine:
         if batch.is_empty:
             return []
         self.runner.zero_new_blocks(self.block_manager.num_touched_blocks)
+        self.runner.copy_blocks(self.block_manager.take_pending_copies())  # prefix tails, after zeroing
         result = self.runner.run(batch)
         self.scheduler.postprocess(batch)
         outputs = []

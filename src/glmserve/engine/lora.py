@@ -42,6 +42,7 @@ class Adapter:
     rank: int
     num_bytes: int
     targets: frozenset[str]  # module paths of the model's layers it adapts
+    kind: str = "lora"  # or "prefix": a P-Tuning v2 prefix (held by the engine, not here)
 
 
 Placed = dict[str, list[tuple[int, LoRALayer]]]  # module path -> (merged part, weights)
@@ -68,12 +69,16 @@ class LoRAManager:
             raise ValueError(f"an adapter named {name!r} is already loaded")
         weights = read_lora(path, self.dtype)
         placed = self._place(weights)
-        adapter = Adapter(name, weights.path, next(self._ids), weights.rank, weights.num_bytes, frozenset(placed))
+        adapter = Adapter(name, weights.path, self.next_id(), weights.rank, weights.num_bytes, frozenset(placed))
         self.registered[name] = adapter
         self._fit()
         if len(self.resident) < self.num_slots:
             self._load(adapter, self._free_slot(set()), placed)
         return adapter
+
+    def next_id(self) -> int:
+        """A fresh adapter id (LoRA or prefix): what salts the prefix cache."""
+        return next(self._ids)
 
     def remove(self, name: str) -> None:
         adapter = self.registered.pop(name, None)

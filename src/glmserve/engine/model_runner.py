@@ -17,7 +17,7 @@ from glmserve.engine.lora import LoRAManager
 from glmserve.engine.models import build_model, load_weights
 from glmserve.engine.sampler import build_sampling_batch, sample, topk_logprobs
 from glmserve.engine.scheduler import ScheduledBatch
-from glmserve.engine.sequence import Sequence
+from glmserve.engine.sequence import KVPrefix, Sequence
 from glmserve.engine.structured_output import fill_bitmasks
 
 
@@ -134,6 +134,27 @@ class ModelRunner:
             v_cache[:, self.num_zeroed_blocks : num_touched_blocks].zero_()
         self.num_zeroed_blocks = num_touched_blocks
 
+    def write_prefix(self, prefix: KVPrefix, kv: torch.Tensor) -> None:
+        """A P-Tuning prefix's keys and values (kv [layers, 2, P, KVH, D]) into its reserved blocks."""
+        blocks = [*prefix.shared_blocks, *([prefix.partial_block] if prefix.partial_block is not None else [])]
+        index = torch.arange(prefix.num_slots, device=self.device)
+        block_ids = torch.tensor(blocks, device=self.device)[index // self.block_size]
+        offsets = index % self.block_size
+        kv = kv.to(self.device, self.dtype)
+        for (k_cache, v_cache), (keys, values) in zip(self.kv_caches, kv, strict=True):
+            k_cache[:, block_ids, offsets] = keys.transpose(0, 1)  # [KVH, P, D]
+            v_cache[:, block_ids, offsets] = values.transpose(0, 1)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (source, destination) in every layer: a prefix's tail into a sequence's block."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[:, dst] = k_cache[:, src]
+            v_cache[:, dst] = v_cache[:, src]
+
     # -- a step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -224,9 +245,10 @@ class ModelRunner:
             start, row = seq.num_computed_tokens, len(ids)
             ids.extend(seq.token_ids[start : start + n] if n > 1 else [seq.token_at(start)])
             pos = np.arange(start, start + n)
+            cache_index = pos + seq.num_prefix_slots  # a P-Tuning prefix fills the cache's first slots
             table = np.asarray(seq.block_table)
-            positions.append(pos)
-            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            positions.append(pos + seq.kv_prefix.position_offset if seq.kv_prefix is not None else pos)
+            slots.append(table[cache_index // self.block_size] * self.block_size + cache_index % self.block_size)
             if start + n == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 sample_seq_indices.append(i)
@@ -251,9 +273,9 @@ class ModelRunner:
         return build_attention_metadata(
             slots,
             decode_tables=[s.block_table for s in decode_seqs],
-            decode_context_lens=[s.num_computed_tokens + 1 for s in decode_seqs],
+            decode_context_lens=[s.num_prefix_slots + s.num_computed_tokens + 1 for s in decode_seqs],
             prefill_tables=[s.block_table for s in prefill_seqs],
-            prefill_starts=[s.num_computed_tokens for s in prefill_seqs],
+            prefill_starts=[s.num_prefix_slots + s.num_computed_tokens for s in prefill_seqs],
             prefill_q_lens=[batch.num_new_tokens[i] for i in prefill],
             block_size=self.block_size,
             device=self.device,

@@ -11,6 +11,19 @@ from typing import Any
 from glmserve.engine.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class KVPrefix:
+    """P-Tuning v2: keys and values that precede every prompt of a model or adapter, computed once and
+    held in KV-cache blocks. A sequence's block table starts with them: the full blocks shared
+    read-only, the last `num_slots % block_size` slots (if any) copied into a block of its own, where
+    its first tokens follow. Cache index of token position p = num_slots + p (its rotary position stays p)."""
+
+    num_slots: int
+    shared_blocks: tuple[int, ...]
+    partial_block: int | None  # the tail of the prefix, copied per sequence
+    position_offset: int = 0  # rotary position of the first token (THUDM's code: 0; peft's: num_slots)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -43,6 +56,11 @@ class Sequence:
     # its prefix-cache hashes (the adapter's registration id), so KV of different adapters never mixes.
     lora: str | None = None
     cache_salt: int | None = None
+    kv_prefix: KVPrefix | None = None  # P-Tuning v2 keys/values before the prompt
+
+    @property
+    def num_prefix_slots(self) -> int:
+        return self.kv_prefix.num_slots if self.kv_prefix is not None else 0
 
     @property
     def seq_id(self) -> tuple[str, int]:

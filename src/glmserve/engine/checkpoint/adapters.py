@@ -1,4 +1,4 @@
-"""Fine-tuned adapters on disk -> tensors: LoRA in peft's format.
+"""Fine-tuned adapters on disk -> tensors: LoRA in peft's format, and ChatGLM's P-Tuning v2 prefixes.
 
 peft's LoRA folder: `adapter_config.json` (`peft_type` "LORA", `r`, `lora_alpha`, `target_modules`,
 `use_rslora`, `rank_pattern` / `alpha_pattern`, `bias`) and `adapter_model.safetensors` (or `.bin`)
@@ -7,6 +7,19 @@ with, per adapted layer, `base_model.model.<layer path>.lora_A.weight` [r, in] a
 under rsLoRA). Layer paths are the base checkpoint's names (for a Llama `model.layers.0.self_attn.q_proj`,
 for ChatGLM `transformer.encoder.layers.0.self_attention.query_key_value`); placing them on the
 model's merged layers is engine/lora.py's job.
+
+P-Tuning v2 (ChatGLM2/3's `ptuning/`, ChatGLM3's finetune_demo): a config.json with `pre_seq_len` (and
+`prefix_projection`) and weights `transformer.prefix_encoder.embedding.weight` [P, L * 2 * KVH * D] (with
+`prefix_projection`, also `trans.0` Linear(L*2*KVH*D -> hidden), tanh, `trans.2` Linear back). THUDM's
+`get_prompt` turns its output into per-layer past keys and values: view [P, L * 2, KVH, D], layer i's
+keys at 2i and values at 2i + 1, used as they are (no rotary: the prompt's positions start at 0).
+Either the whole fine-tuned checkpoint (every request of that model gets the prefix) or the folder
+`ptuning/` saves with only the prefix encoder (an adapter on its base model).
+
+peft's PREFIX_TUNING (on transformers' models, e.g. Llama or GLM in transformers' layout): adapter_config.json
+with `num_virtual_tokens` and `adapter_model.safetensors` holding `prompt_embeddings` [P, L * 2 * KVH * D],
+the prefix encoder's output, in the same order as THUDM's. There the prompt's positions start at P:
+transformers counts the prefix as past tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from glmserve.engine.checkpoint.hf import read_bin, read_safetensors
+from glmserve.config import ModelConfig
+from glmserve.engine.checkpoint.hf import PREFIX_ENCODER, find_weight_files, read_bin, read_safetensors
 from glmserve.model_path import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -117,3 +131,75 @@ def _read_tensors(path: Path):
     if (path / "adapter_model.bin").is_file():
         return read_bin(path / "adapter_model.bin")
     raise ValueError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
+
+
+@dataclass
+class PrefixKV:
+    kv: torch.Tensor  # [layers, 2 (keys, values), P, KVH, D] float32
+    position_offset: int  # rotary position of the prompt's first token: 0 (THUDM's code) or P (peft)
+
+
+def has_ptuning_prefix(path: Path) -> bool:
+    """A folder whose config.json sets pre_seq_len: a P-Tuning v2 checkpoint or prefix-encoder folder."""
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and bool(read_json(config).get("pre_seq_len"))
+
+
+def is_prefix_adapter(path: Path) -> bool:
+    """A P-Tuning v2 folder or a peft PREFIX_TUNING adapter."""
+    if (path / ADAPTER_CONFIG).is_file():
+        return str(read_json(path / ADAPTER_CONFIG).get("peft_type", "")).upper() == "PREFIX_TUNING"
+    return has_ptuning_prefix(path)
+
+
+def read_prefix_kv(path: str | Path, config: ModelConfig) -> PrefixKV:
+    """The prefix's past keys and values, as THUDM's get_prompt (or peft's) computes them; ValueError
+    if the folder's prefix does not fit `config`'s model."""
+    path = Path(path).expanduser()
+    if (path / ADAPTER_CONFIG).is_file():
+        return _read_peft_prefix(path, config)
+    hf_config = read_json(path / "config.json")
+    num_slots, projection = int(hf_config["pre_seq_len"]), bool(hf_config.get("prefix_projection", False))
+    if config.architecture != "chatglm":
+        raise ValueError(f"{path}: P-Tuning v2 prefixes are served on ChatGLM2/3 (THUDM's layout), not {config.architecture}")
+    weight_format, files = find_weight_files(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        stream = read_safetensors(file, lambda n: n.startswith(PREFIX_ENCODER)) if weight_format == "safetensors" else read_bin(file)
+        tensors.update((n.removeprefix(PREFIX_ENCODER), t.float()) for n, t in stream if n.startswith(PREFIX_ENCODER))
+    if "embedding.weight" not in tensors:
+        raise ValueError(f"{path}: pre_seq_len is set but the weights hold no {PREFIX_ENCODER}embedding.weight")
+    prefix = tensors["embedding.weight"]
+    if projection:
+        try:
+            hidden = torch.tanh(torch.nn.functional.linear(prefix, tensors["trans.0.weight"], tensors["trans.0.bias"]))
+            prefix = torch.nn.functional.linear(hidden, tensors["trans.2.weight"], tensors["trans.2.bias"])
+        except KeyError as error:
+            raise ValueError(f"{path}: prefix_projection is set but {PREFIX_ENCODER}{error.args[0]} is missing") from None
+    return PrefixKV(_per_layer(prefix, num_slots, config, path), position_offset=0)
+
+
+def _read_peft_prefix(path: Path, config: ModelConfig) -> PrefixKV:
+    adapter_config = read_json(path / ADAPTER_CONFIG)
+    if str(adapter_config.get("peft_type", "")).upper() != "PREFIX_TUNING":
+        raise ValueError(f"{path}: not a PREFIX_TUNING adapter")
+    if config.architecture == "chatglm":
+        raise ValueError(f"{path}: peft prefix tuning runs on transformers' layouts; for THUDM's, use P-Tuning v2 (pre_seq_len)")
+    tensors = {name: t.float() for name, t in _read_tensors(path)}
+    prefix = tensors.get("prompt_embeddings", tensors.get("prefix_encoder.embedding.weight"))
+    if prefix is None:
+        raise ValueError(f"{path}: the adapter holds no prompt_embeddings")
+    num_slots = int(adapter_config.get("num_virtual_tokens") or prefix.shape[0])
+    return PrefixKV(_per_layer(prefix, num_slots, config, path), position_offset=num_slots)
+
+
+def _per_layer(prefix: torch.Tensor, num_slots: int, config: ModelConfig, path: Path) -> torch.Tensor:
+    """[P, L * 2 * KVH * D] -> [L, 2, P, KVH, D]: per virtual token, layer-major, then keys/values."""
+    layers, kvh, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    width = layers * 2 * kvh * d
+    if tuple(prefix.shape) != (num_slots, width):
+        raise ValueError(
+            f"{path}: the prefix is {tuple(prefix.shape)}, but this model needs ({num_slots}, {width}) "
+            f"= pre_seq_len x {layers} layers x 2 x {kvh} KV heads x {d} (a prefix for another base model?)"
+        )
+    return prefix.view(num_slots, layers, 2, kvh, d).permute(1, 2, 0, 3, 4).contiguous()

@@ -19,6 +19,8 @@ import torch
 from glmserve.config import ModelConfig
 from glmserve.model_path import read_json
 
+PREFIX_ENCODER = "transformer.prefix_encoder."  # ChatGLM2/3's P-Tuning v2 weights
+
 # model_type values served by the Llama model (engine/models/llama.py).
 LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
@@ -79,7 +81,8 @@ class HFCheckpoint:
         # Old Llama checkpoints saved the RoPE inv_freq buffer (derived from config); some tied
         # checkpoints still save lm_head, a copy of the embedding.
         if self.config.architecture == "chatglm":  # THUDM's files save the derived RoPE buffer too
-            return name.endswith("rotary_pos_emb.inv_freq")
+            # A P-Tuning v2 checkpoint's prefix encoder is read apart (checkpoint/adapters.py).
+            return name.endswith("rotary_pos_emb.inv_freq") or name.startswith(PREFIX_ENCODER)
         if self.config.architecture != "llama":
             return False
         is_tied_head = self.config.tie_word_embeddings and name == "lm_head.weight"
