@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from glmserve.engine.checkpoint.adapters import LoRALayer, LoRAWeights, read_lora
+from glmserve.engine.device import release_freed_memory
 from glmserve.engine.layers.linear import Linear, is_output_layer
 from glmserve.engine.layers.lora import LoRAStack, LoRAStep
 from glmserve.engine.models import checkpoint_target
@@ -74,6 +75,8 @@ class LoRAManager:
         self._fit()
         if len(self.resident) < self.num_slots:
             self._load(adapter, self._free_slot(set()), placed)
+        if self.device.type == "cpu":
+            release_freed_memory()  # the file's read buffers and float32 copies
         return adapter
 
     def next_id(self) -> int:
