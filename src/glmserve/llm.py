@@ -12,6 +12,7 @@ from tqdm import tqdm
 from glmserve.chat.defaults import GenerationDefaults, model_generation_defaults
 from glmserve.config import EngineConfig
 from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.lora import UnknownAdapterError
 from glmserve.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model_path import resolve_model_path
@@ -33,7 +34,8 @@ class LLM:
         lora_modules: dict[str, str | Path] | None = None,
         **engine_options: Any,
     ):
-        """lora_modules: adapter name -> peft LoRA folder, each chosen per call by `lora=name`."""
+        """lora_modules: adapter name -> folder (peft LoRA or prefix tuning, ChatGLM P-Tuning v2), each
+        chosen per call by `lora=name`."""
         self.model_path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.model_path)
         config = EngineConfig(dtype=dtype, **engine_options)
@@ -51,7 +53,8 @@ class LLM:
 
     def with_lora(self, name: str) -> LoRAView:
         """This LLM with `name` as every call's adapter (for code written against one model)."""
-        self.engine.runner.lora.get(name)  # UnknownAdapterError now, not at the first call
+        if name not in self.engine.loras:  # now, not at the first call
+            raise UnknownAdapterError(name)
         return LoRAView(self, name)
 
     def get_tokenizer(self) -> Tokenizer:

@@ -157,3 +157,29 @@ def test_argmax_rows_equals_torch_argmax(vocab):
     if vocab > 3:
         x[4, [vocab - 1, 2]] = 100.0  # the earlier of two maxima in different lanes
     assert torch.equal(torch.ops.glmserve.argmax_rows(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_lora_add_matches_a_float64_reference(dtype, tolerance, rows, threads):
+    """out[t] += bt_s^T (a_s x[t]) for each row's slot s (-1: untouched); x strided, N past one chunk."""
+    g = torch.Generator().manual_seed(rows)
+    slots, width, k, n = 3, 12, 96, 300
+    x = strided_rows(rows, k, dtype, seed=rows)
+    a = (torch.randn(slots * width, k, generator=g) * 0.1).to(dtype)
+    bt = (torch.randn(slots * width, n, generator=g) * 0.1).to(dtype)
+    out = torch.randn(rows, n, generator=g).to(dtype)
+    row_slots = torch.tensor([(t % (slots + 1)) - 1 for t in range(rows)], dtype=torch.int64)
+    expected = out.double().clone()
+    for t, s in enumerate(row_slots.tolist()):
+        if s >= 0:
+            rows_of_slot = slice(s * width, (s + 1) * width)
+            expected[t] += (a[rows_of_slot].double() @ x[t].double()) @ bt[rows_of_slot].double()
+    torch.ops.glmserve.lora_add_(out, x, a, bt, row_slots, width)
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_lora_add_refuses_a_slot_out_of_range():
+    x, out = torch.zeros(1, 8), torch.zeros(1, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.glmserve.lora_add_(out, x, torch.zeros(4, 8), torch.zeros(4, 4), torch.tensor([2]), 2)

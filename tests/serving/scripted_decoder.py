@@ -39,7 +39,7 @@ class ScriptedDecoderEngine:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         pass
 
-    async def generate(self, request_id, prompt_ids, params):
+    async def generate(self, request_id, prompt_ids, params, lora=None):
         self.prompts.append(list(prompt_ids))
         tokenizer, ids = self.tokenizer, self.script(list(prompt_ids))
         text = ""

@@ -124,7 +124,7 @@ def chat(
     quantization: QuantizationOption = None,
     activation_precision: ActivationPrecisionOption = ActivationPrecision.int8,
     lora: Annotated[
-        str | None, typer.Option(help="Chat with this LoRA adapter (a peft folder) on the model", metavar="DIR")
+        str | None, typer.Option(help="Chat with this adapter on the model: a peft LoRA folder or a ChatGLM P-Tuning v2 folder", metavar="DIR")
     ] = None,
     system: Annotated[str | None, typer.Option(help="System prompt for the whole conversation")] = None,
     temperature: Annotated[

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +187,3 @@ class LoRAManager:
                 self.stacks[path].write(slot, part, layer.a.to(self.device), layer.b.to(self.device))
         self.resident[adapter.name] = slot
         self.num_loads += 1
-
-    def names(self) -> Iterable[str]:
-        return list(self.registered)

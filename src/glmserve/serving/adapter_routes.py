@@ -17,6 +17,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from glmserve.serving.errors import InvalidRequest
+from glmserve.serving.legacy_routes import add_classic_route, remove_classic_route
 from glmserve.serving.registry import ModelRegistry, ServedModel
 from glmserve.serving.settings import check_model_name, default_model_name
 
@@ -72,6 +73,7 @@ def adapter_router() -> APIRouter:
             await load_adapter(registry, body.base_model, name, body.lora_path)
         except ValueError as error:
             raise InvalidRequest(str(error), param="lora_path") from None
+        add_classic_route(request.app, name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @router.post("/v1/unload_lora_adapter")
@@ -80,6 +82,7 @@ def adapter_router() -> APIRouter:
             await unload_adapter(request.app.state.service.registry, body.lora_name)
         except ValueError as error:
             raise InvalidRequest(str(error), param="lora_name") from None
+        remove_classic_route(request.app, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return router

@@ -95,7 +95,8 @@ def create_app(
     app.include_router(adapter_router(), dependencies=admin)
     app.include_router(_ops_router(metrics), dependencies=protected)
     app.include_router(_health_router())
-    app.include_router(classic_router(model_names), dependencies=protected)
+    app.state.classic_dependencies = protected  # also for adapters' routes added while serving
+    app.include_router(classic_router(model_names + [name for _, name, _ in adapters]), dependencies=protected)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,

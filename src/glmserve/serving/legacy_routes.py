@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from glmserve.serving.errors import APIError
@@ -24,19 +24,24 @@ NDJSON_MEDIA_TYPE = "application/x-ndjson"
 CLASSIC_ALIASES = ("/", "/chatglm")  # the first model's routes in ChatGLM's own demos
 
 
-def classic_router(model_names: list[str]) -> APIRouter:
-    """/ and /chatglm for the first model (unless a model is named chatglm), and POST /<name> for every
-    served model or adapter, also those loaded at run time (an unknown name: 404)."""
+def classic_router(model_names: list[str], aliases: bool = True) -> APIRouter:
+    """POST /<name> per model (or adapter), and / and /chatglm for the first (unless a model is named chatglm)."""
     router = APIRouter()
-    for alias in CLASSIC_ALIASES:
-        if alias.lstrip("/") not in model_names:
-            router.add_api_route(alias, _endpoint(model_names[0]), methods=["POST"], name=f"classic:{alias}")
-
-    @router.post("/{model_name}", name="classic:/<name>")
-    async def classic_chat_by_name(model_name: str, body: ClassicChatRequest, request: Request) -> Response:
-        return await answer(request, body, model_name)
-
+    routes = {f"/{name}": name for name in model_names}
+    for alias in CLASSIC_ALIASES if aliases else ():
+        routes.setdefault(alias, model_names[0])
+    for path, name in routes.items():
+        router.add_api_route(path, _endpoint(name), methods=["POST"], name=f"classic:{path}")
     return router
+
+
+def add_classic_route(app: FastAPI, name: str) -> None:
+    """POST /<name> for a model or adapter served from now on, behind the app's API-key check."""
+    app.include_router(classic_router([name], aliases=False), dependencies=app.state.classic_dependencies)
+
+
+def remove_classic_route(app: FastAPI, name: str) -> None:
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "name", None) != f"classic:/{name}"]
 
 
 def _endpoint(model_name: str) -> Callable:

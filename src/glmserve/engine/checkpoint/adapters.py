@@ -66,12 +66,6 @@ class LoRAWeights:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in (layer.a, layer.b))
 
 
-def is_lora_folder(path: Path) -> bool:
-    if not (path / ADAPTER_CONFIG).is_file():
-        return False
-    return str(read_json(path / ADAPTER_CONFIG).get("peft_type", "")).upper() == "LORA"
-
-
 def read_lora(path: str | Path, dtype: torch.dtype) -> LoRAWeights:
     """A peft LoRA folder's layers in `dtype`; ValueError naming the problem for anything it cannot serve."""
     path = Path(path).expanduser()
