@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from glmserve.config import EngineConfig
 
@@ -116,18 +116,12 @@ class ServeSettings(BaseModel):
             raise ValueError("expected a fraction like 0.25 or a size like 134217728, 512MiB, 2GiB")
         return float(match.group(1)) * _SIZE_UNITS[unit]
 
-    @field_validator("model")
+    @field_validator("model", "lora")
     @classmethod
-    def _check_model_specs(cls, specs: list[str]) -> list[str]:
+    def _check_specs(cls, specs: list[str], info: ValidationInfo) -> list[str]:
+        parse = parse_model_spec if info.field_name == "model" else parse_lora_spec
         for spec in specs:
-            parse_model_spec(spec)
-        return specs
-
-    @field_validator("lora")
-    @classmethod
-    def _check_lora_specs(cls, specs: list[str]) -> list[str]:
-        for spec in specs:
-            parse_lora_spec(spec)
+            parse(spec)
         return specs
 
     @property
