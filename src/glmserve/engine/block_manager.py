@@ -163,7 +163,7 @@ class BlockManager:
         return KVPrefix(num_slots, shared, self._take_free() if tail else None, position_offset)
 
     def release_prefix(self, prefix: KVPrefix) -> None:
-        for block_id in (*prefix.shared_blocks, *([prefix.partial_block] if prefix.partial_block is not None else [])):
+        for block_id in prefix.blocks:
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self.free_block_ids.append(block_id)

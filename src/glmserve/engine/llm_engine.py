@@ -162,17 +162,15 @@ class LLMEngine:
         """Serve a peft LoRA folder, or a ChatGLM P-Tuning v2 folder (config.json with pre_seq_len), as
         `name`; ValueError naming the mismatch if it does not fit the model."""
         path = Path(path).expanduser()
+        if name in self.loras:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
         if is_prefix_adapter(path):
-            if name in self.prefixes or name in self.runner.lora.registered:
-                raise ValueError(f"an adapter named {name!r} is already loaded")
             prefix = self._load_prefix(path)
             num_bytes = prefix.num_slots * self.runner.kv_bytes_per_token
             adapter = Adapter(name, path, self.runner.lora.next_id(), 0, num_bytes, frozenset(), kind="prefix")
             self.prefixes[name] = (adapter, prefix)
             logger.info("P-Tuning v2 adapter %s: %d prefix slots (%s)", name, prefix.num_slots, path)
             return adapter
-        if name in self.prefixes:
-            raise ValueError(f"an adapter named {name!r} is already loaded")
         adapter = self.runner.lora.add(name, path)
         logger.info("LoRA adapter %s: rank %d, %d layers, %.1f MiB (%s)", name, adapter.rank, len(adapter.targets),
                     adapter.num_bytes / 2**20, adapter.path)

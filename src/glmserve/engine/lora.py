@@ -64,9 +64,8 @@ class LoRAManager:
 
     # -- registry -----------------------------------------------------------------------------
     def add(self, name: str, path: str | Path) -> Adapter:
-        """Register (and, while a slot is free, load) an adapter; ValueError naming any mismatch."""
-        if name in self.registered:
-            raise ValueError(f"an adapter named {name!r} is already loaded")
+        """Register (and, while a slot is free, load) an adapter under a new name (LLMEngine.add_lora
+        checks it against prefix adapters too); ValueError naming any mismatch."""
         weights = read_lora(path, self.dtype)
         placed = self._place(weights)
         adapter = Adapter(name, weights.path, self.next_id(), weights.rank, weights.num_bytes, frozenset(placed))
@@ -112,10 +111,6 @@ class LoRAManager:
                 self._load(self.registered[name], self._free_slot(needed))
         slots = [self.resident[name] if name is not None else -1 for name in row_adapters]
         self.step.set(slots, self.num_slots, self.device, self.dtype)
-
-    @property
-    def active(self) -> bool:
-        return self.step.active
 
     # -- internals ----------------------------------------------------------------------------
     def _place(self, weights: LoRAWeights) -> Placed:

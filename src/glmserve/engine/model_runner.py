@@ -136,9 +136,8 @@ class ModelRunner:
 
     def write_prefix(self, prefix: KVPrefix, kv: torch.Tensor) -> None:
         """A P-Tuning prefix's keys and values (kv [layers, 2, P, KVH, D]) into its reserved blocks."""
-        blocks = [*prefix.shared_blocks, *([prefix.partial_block] if prefix.partial_block is not None else [])]
         index = torch.arange(prefix.num_slots, device=self.device)
-        block_ids = torch.tensor(blocks, device=self.device)[index // self.block_size]
+        block_ids = torch.tensor(prefix.blocks, device=self.device)[index // self.block_size]
         offsets = index % self.block_size
         kv = kv.to(self.device, self.dtype)
         for (k_cache, v_cache), (keys, values) in zip(self.kv_caches, kv, strict=True):
@@ -238,10 +237,8 @@ class ModelRunner:
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         sample_rows, sample_seq_indices, prompt_rows = [], [], []
-        row_adapters: list[str | None] = []
         for i in order:
             seq, n = batch.seqs[i], n_new[i]
-            row_adapters += [seq.lora] * n
             start, row = seq.num_computed_tokens, len(ids)
             ids.extend(seq.token_ids[start : start + n] if n > 1 else [seq.token_at(start)])
             pos = np.arange(start, start + n)
@@ -261,7 +258,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, device=self.device),
             positions=torch.from_numpy(np.concatenate(positions)).to(self.device),
             meta=meta,
-            row_adapters=row_adapters if any(row_adapters) else None,
+            row_adapters=_row_adapters([batch.seqs[i] for i in order], [n_new[i] for i in order]),
             sample_rows=sample_rows,
             sample_seq_indices=sample_seq_indices,
             prompt_rows=prompt_rows,
@@ -281,6 +278,13 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
         )
+
+
+def _row_adapters(seqs: list[Sequence], num_rows: list[int]) -> list[str | None] | None:
+    """Each row's LoRA adapter (None: the base model), or None when no sequence has one."""
+    if all(seq.lora is None for seq in seqs):
+        return None
+    return [seq.lora for seq, n in zip(seqs, num_rows, strict=True) for _ in range(n)]
 
 
 def _logprob_entries(chosen_ids, chosen, top_values, top_ids) -> list[dict[int, float]]:

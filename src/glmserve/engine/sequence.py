@@ -16,12 +16,18 @@ class KVPrefix:
     """P-Tuning v2: keys and values that precede every prompt of a model or adapter, computed once and
     held in KV-cache blocks. A sequence's block table starts with them: the full blocks shared
     read-only, the last `num_slots % block_size` slots (if any) copied into a block of its own, where
-    its first tokens follow. Cache index of token position p = num_slots + p (its rotary position stays p)."""
+    its first tokens follow. Cache index of token position p = num_slots + p; its rotary position is
+    p + position_offset."""
 
     num_slots: int
     shared_blocks: tuple[int, ...]
     partial_block: int | None  # the tail of the prefix, copied per sequence
     position_offset: int = 0  # rotary position of the first token (THUDM's code: 0; peft's: num_slots)
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Every block the prefix holds, in cache order."""
+        return self.shared_blocks + ((self.partial_block,) if self.partial_block is not None else ())
 
 
 class SequenceStatus(enum.Enum):

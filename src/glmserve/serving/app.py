@@ -63,6 +63,7 @@ def create_app(
     named_paths = None if engines else resolve_models(settings)
     model_names = list(engines) if engines else list(named_paths)
     adapters = resolve_adapters(settings, model_names)
+    served_names = model_names + [name for _, name, _ in adapters]
     state: dict = {}  # the registry, once the lifespan has loaded the models
 
     @asynccontextmanager
@@ -96,7 +97,7 @@ def create_app(
     app.include_router(_ops_router(metrics), dependencies=protected)
     app.include_router(_health_router())
     app.state.classic_dependencies = protected  # also for adapters' routes added while serving
-    app.include_router(classic_router(model_names + [name for _, name, _ in adapters]), dependencies=protected)
+    app.include_router(classic_router(served_names), dependencies=protected)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,
@@ -106,7 +107,7 @@ def create_app(
             expose_headers=["X-Request-ID"],
         )
     app.add_middleware(RequestContextMiddleware, record=metrics.record_request)
-    app.state.model_names = model_names + [name for _, name, _ in adapters]
+    app.state.model_names = served_names
     return app
 
 

@@ -33,9 +33,7 @@ class ServedModel:
     tokenizer: Tokenizer
     defaults: GenerationDefaults
     is_owned: bool = True  # built by us, so shut down by us
-    # A LoRA adapter served under its own name: the base model's engine, run with `lora`.
-    lora: str | None = None
-    base: ServedModel | None = None
+    base: ServedModel | None = None  # set for an adapter served under its own name on this base's engine
     created: int = field(default_factory=lambda: int(time.time()))
     num_unfinished: int = 0  # sequences admitted and not finished; touched by the event loop only
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
@@ -56,9 +54,14 @@ class ServedModel:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
+    @property
+    def lora(self) -> str | None:
+        """The adapter the engine runs this model's requests with (None: the base model)."""
+        return self.name if self.base is not None else None
+
     def adapter(self, name: str) -> ServedModel:
-        """This base model run with its LoRA adapter `name`, served as a model of that name."""
-        return ServedModel(name, self.engine, self.tokenizer, self.defaults, is_owned=False, lora=name, base=self)
+        """This base model run with its adapter `name`, served as a model of that name."""
+        return ServedModel(name, self.engine, self.tokenizer, self.defaults, is_owned=False, base=self)
 
     def stats(self) -> dict[str, float]:
         block_manager = self.engine.engine.block_manager
